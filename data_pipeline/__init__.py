@@ -1,0 +1,1 @@
+"""Sentinel-1 tiles: schema, synthetic data, TFRecord/TFDS writer and the per-host input pipeline."""

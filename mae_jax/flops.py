@@ -1,0 +1,57 @@
+"""Model FLOPs per training example, counted once, and device peaks for MFU.
+
+Counting convention (as in PaLM / MaxText MFU): 2 FLOPs per multiply-add of every matmul the
+model performs (patch embedding, attention projections, attention scores and values, MLPs,
+decoder embed and prediction); element-wise work is ignored; training = 3 x forward (backward is
+twice the forward). ``tests/test_flops.py`` checks the count against XLA's own cost analysis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+# Dense bf16 peak FLOP/s per device (per chip for TPUs, per GPU), from vendor specifications.
+PEAK_FLOPS = {
+    'TPU v2': 45e12 / 2, 'TPU v3': 123e12 / 2, 'TPU v4': 275e12, 'TPU v5 lite': 197e12,
+    'TPU v5e': 197e12, 'TPU v5p': 459e12, 'TPU v5': 459e12, 'TPU v6 lite': 918e12,
+    'TPU v6e': 918e12, 'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12, 'NVIDIA A100': 312e12,
+    'NVIDIA GH200': 989e12, 'NVIDIA B200': 2250e12,
+}
+
+
+def transformer_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
+  """Forward FLOPs of ``depth`` pre-LN blocks over ``tokens`` tokens."""
+  projections = 2 * tokens * width * width * 4          # q, k, v, out
+  attention = 2 * tokens * tokens * width * 2           # scores and weighted values
+  mlp = 2 * tokens * width * mlp_dim * 2
+  return depth * (projections + attention + mlp)
+
+
+def mae_forward_flops(model: Any) -> float:
+  """Forward FLOPs of one example through :class:`MaskedAutoencoder` (masked pretraining)."""
+  patches, kept = model.num_patches, model.num_kept
+  flops = 2 * patches * model.patch_dim * model.width                      # patch embedding
+  flops += transformer_flops(kept + 1, model.width, model.depth, model.mlp_dim)
+  flops += 2 * (kept + 1) * model.width * model.decoder_width               # decoder embed
+  flops += transformer_flops(patches + 1, model.decoder_width, model.decoder_depth,
+                             model.decoder_mlp_dim)
+  flops += 2 * (patches + 1) * model.decoder_width * model.patch_dim        # pixel prediction
+  return float(flops)
+
+
+def mae_train_flops(model: Any) -> float:
+  return 3.0 * mae_forward_flops(model)
+
+
+def device_peak_flops(device: jax.Device | None = None, override_tflops: float = 0.0) -> float | None:
+  """Peak FLOP/s of one device: the config override, else the table, else None (unknown)."""
+  if override_tflops:
+    return override_tflops * 1e12
+  device = device or jax.devices()[0]
+  kind = getattr(device, 'device_kind', '')
+  for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if kind.startswith(name) or name in kind:
+      return PEAK_FLOPS[name]
+  return None

@@ -1,0 +1,41 @@
+r"""Entrypoint: ``python -m mae_jax.main --config configs/<file>.py:<preset> --workdir DIR``.
+
+Any config field can be overridden with ``--config.<field>=<value>`` (for example
+``--config.total_steps=1000 --config.mesh.fsdp=4``). A run started again with the same workdir
+resumes from the workdir's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:preset].',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory (local or gs://) for checkpoints, '
+                               'logs and plots; reused to resume.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # Imported here so --help stays fast and TensorFlow is configured before any use.
+  from data_pipeline import input as data_input  # pylint: disable=g-import-not-at-top
+  data_input.configure_tensorflow()
+  if not flags.FLAGS['verbosity'].present:
+    # Orbax and TFDS log every save and read at INFO; keep stdout for our progress lines.
+    logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  task = config.get('task', 'pretrain')
+  if task == 'pretrain':
+    from mae_jax import train  # pylint: disable=g-import-not-at-top
+    train.train_and_evaluate(config, _WORKDIR.value)
+  else:
+    raise app.UsageError(f'unknown config.task {task!r}')
+
+
+if __name__ == '__main__':
+  app.run(main)

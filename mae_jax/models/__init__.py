@@ -1,0 +1,1 @@
+"""Flax model definitions: the ViT encoder blocks and the masked autoencoder."""

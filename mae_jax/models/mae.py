@@ -1,0 +1,250 @@
+"""Masked autoencoder (He et al. 2021) for multi-channel SAR tiles, in Flax linen.
+
+One module serves both recipes of the project (``mae``: sin-cos position embeddings, 8 x 512
+decoder, per-patch normalised targets; ``poster``: learned position embeddings, one 512-wide
+decoder block, raw targets): they differ only in fields set from the config.
+
+Data layout: images are NHWC, already normalised on the device (``mae_jax.preprocess``), with
+invalid (no-data) pixels set to 0 and flagged in a boolean ``valid`` array of the same shape.
+A patch vector is ordered (row in patch, column in patch, channel), as in MAE and transformers.
+Masking keeps ``int(L * (1 - mask_ratio))`` patches chosen by argsort of per-example uniform
+noise; the cls token is never masked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mae_jax.models import vit
+
+NORM_PIX_CHOICES = ('none', 'patch', 'patch_channel')
+POS_EMBEDDING_CHOICES = ('sincos', 'learned')
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+  """(B, H, W, C) -> (B, L, p * p * C), patches in row-major order."""
+  batch, height, width, channels = images.shape
+  if height % patch_size or width % patch_size:
+    raise ValueError(f'image {height}x{width} is not divisible by patch size {patch_size}')
+  rows, cols = height // patch_size, width // patch_size
+  x = images.reshape(batch, rows, patch_size, cols, patch_size, channels)
+  x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
+  return x.reshape(batch, rows * cols, patch_size * patch_size * channels)
+
+
+def unpatchify(patches: jax.Array, patch_size: int, channels: int) -> jax.Array:
+  """(B, L, p * p * C) -> (B, H, W, C); the inverse of :func:`patchify` for square images."""
+  batch, length, _ = patches.shape
+  side = int(round(length**0.5))
+  if side * side != length:
+    raise ValueError(f'{length} patches do not form a square grid')
+  x = patches.reshape(batch, side, side, patch_size, patch_size, channels)
+  x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
+  return x.reshape(batch, side * patch_size, side * patch_size, channels)
+
+
+def random_masking(tokens: jax.Array, noise: jax.Array, keep: int):
+  """Keeps the ``keep`` tokens with the smallest noise, per example.
+
+  Returns (kept tokens (B, keep, D), mask (B, L) with 1 = masked, ids_restore (B, L)).
+  """
+  ids_shuffle = jnp.argsort(noise, axis=1)
+  ids_restore = jnp.argsort(ids_shuffle, axis=1)
+  kept = jnp.take_along_axis(tokens, ids_shuffle[:, :keep, None], axis=1)
+  mask = (ids_restore >= keep).astype(jnp.float32)
+  return kept, mask, ids_restore
+
+
+def _group(x: jax.Array, norm_pix: str, channels: int) -> jax.Array:
+  """Reshapes (B, L, P) so the last axis is the group normalised together."""
+  if norm_pix == 'patch_channel':
+    return x.reshape(*x.shape[:-1], -1, channels).swapaxes(-1, -2)
+  return x
+
+
+def target_statistics(target: jax.Array, valid: jax.Array, norm_pix: str, channels: int):
+  """Mean and unbiased variance over the valid values of each patch (or patch-channel).
+
+  Returns arrays broadcastable against the (B, L, P) target; (0, 1) when ``norm_pix='none'``.
+  The unbiased variance matches MAE's ``target.var(-1)``.
+  """
+  if norm_pix not in NORM_PIX_CHOICES:
+    raise ValueError(f'norm_pix_loss must be one of {NORM_PIX_CHOICES}, got {norm_pix!r}')
+  if norm_pix == 'none':
+    return jnp.zeros_like(target), jnp.ones_like(target)
+  t, v = _group(target, norm_pix, channels), _group(valid, norm_pix, channels)
+  count = v.sum(-1, keepdims=True)
+  mean = (t * v).sum(-1, keepdims=True) / jnp.maximum(count, 1.0)
+  var = (jnp.square(t - mean) * v).sum(-1, keepdims=True) / jnp.maximum(count - 1.0, 1.0)
+  mean, var = jnp.broadcast_to(mean, t.shape), jnp.broadcast_to(var, t.shape)
+  if norm_pix == 'patch_channel':
+    mean, var = (a.swapaxes(-1, -2).reshape(target.shape) for a in (mean, var))
+  return mean, var
+
+
+def reconstruction_loss(target: jax.Array, valid: jax.Array, pred: jax.Array, mask: jax.Array,
+                        norm_pix: str, channels: int, eps: float = 1e-6) -> jax.Array:
+  """Mean squared error over the valid values of the masked patches.
+
+  With every value valid this equals MAE's per-patch mean over masked patches. No-data values
+  are left out of both the target statistics and the error, so no-data borders teach nothing.
+  """
+  valid = valid.astype(jnp.float32)
+  mean, var = target_statistics(target, valid, norm_pix, channels)
+  if norm_pix != 'none':
+    target = (target - mean) / jnp.sqrt(var + eps)
+  err = jnp.square(pred.astype(jnp.float32) - target) * valid
+  per_patch_sum = err.sum(-1)
+  per_patch_count = valid.sum(-1)
+  return (per_patch_sum * mask).sum() / jnp.maximum((per_patch_count * mask).sum(), 1.0)
+
+
+class MaskedAutoencoder(nn.Module):
+  """ViT-MAE with a C-channel patch embedding; see the module docstring."""
+  image_size: int = 448
+  patch_size: int = 16
+  num_channels: int = 12
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  decoder_width: int = 512
+  decoder_depth: int = 8
+  decoder_heads: int = 16
+  decoder_mlp_dim: int = 2048
+  pos_embedding: str = 'sincos'
+  mask_ratio: float = 0.75
+  norm_pix_loss: str = 'patch'
+  layer_norm_eps: float = 1e-6
+  dtype: Any = jnp.float32
+  remat_policy: str = 'none'
+  scan_layers: bool = False
+  attention_implementation: str | None = None
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid_size**2
+
+  @property
+  def patch_dim(self) -> int:
+    return self.patch_size**2 * self.num_channels
+
+  @property
+  def num_kept(self) -> int:
+    return int(self.num_patches * (1 - self.mask_ratio))
+
+  def _position_embedding(self, name: str, width: int) -> jax.Array:
+    if self.pos_embedding == 'sincos':
+      return jnp.asarray(vit.sincos_2d(width, self.grid_size))[None]
+    if self.pos_embedding == 'learned':
+      return self.param(name, vit.partitioned(nn.initializers.normal(0.02), (None, None, 'embed')),
+                        (1, self.num_patches + 1, width), jnp.float32)
+    raise ValueError(f'pos_embedding must be one of {POS_EMBEDDING_CHOICES}, '
+                     f'got {self.pos_embedding!r}')
+
+  def _transformer(self, depth, heads, mlp_dim, name):
+    return vit.Transformer(depth=depth, num_heads=heads, mlp_dim=mlp_dim,
+                           layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
+                           remat_policy=self.remat_policy, scan_layers=self.scan_layers,
+                           attention_implementation=self.attention_implementation, name=name)
+
+  def setup(self):
+    if self.image_size % self.patch_size:
+      raise ValueError(f'patch_size {self.patch_size} does not divide image_size {self.image_size}')
+    if not 0.0 < self.mask_ratio < 1.0:
+      raise ValueError(f'mask_ratio must lie in (0, 1), got {self.mask_ratio}')
+    token_init = vit.partitioned(nn.initializers.normal(0.02), (None, None, 'embed'))
+    # Encoder.
+    self.patch_embed = nn.Dense(self.width, dtype=self.dtype,
+                                kernel_init=vit.partitioned(vit.dense_init, ('patch', 'embed')),
+                                bias_init=vit.partitioned(nn.initializers.zeros, ('embed',)))
+    self.cls_token = self.param('cls_token', token_init, (1, 1, self.width), jnp.float32)
+    self.encoder_pos = self._position_embedding('pos_embedding', self.width)
+    self.encoder = self._transformer(self.depth, self.num_heads, self.mlp_dim, 'encoder')
+    self.encoder_norm = vit.layer_norm(self.layer_norm_eps, self.dtype)
+    # Decoder.
+    self.decoder_embed = nn.Dense(self.decoder_width, dtype=self.dtype,
+                                  kernel_init=vit.partitioned(vit.dense_init, ('embed', None)),
+                                  bias_init=vit.partitioned(nn.initializers.zeros, ('embed',)))
+    self.mask_token = self.param('mask_token', token_init, (1, 1, self.decoder_width), jnp.float32)
+    self.decoder_pos = self._position_embedding('decoder_pos_embedding', self.decoder_width)
+    self.decoder = self._transformer(self.decoder_depth, self.decoder_heads, self.decoder_mlp_dim,
+                                     'decoder')
+    self.decoder_norm = vit.layer_norm(self.layer_norm_eps, self.dtype)
+    self.decoder_pred = nn.Dense(self.patch_dim, dtype=self.dtype,
+                                 kernel_init=vit.partitioned(vit.dense_init, ('embed', 'patch')),
+                                 bias_init=vit.partitioned(nn.initializers.zeros, ('patch',)))
+
+  def encode(self, images: jax.Array, noise: jax.Array | None = None):
+    """Encodes the visible patches. Without noise every patch is visible (fine-tuning).
+
+    Returns (latent (B, 1 + kept, D) after the final LayerNorm, mask (B, L) or None,
+    ids_restore (B, L) or None).
+    """
+    x = self.patch_embed(patchify(images, self.patch_size).astype(self.dtype))
+    x = x + self.encoder_pos[:, 1:].astype(self.dtype)
+    mask = ids_restore = None
+    if noise is not None:
+      x, mask, ids_restore = random_masking(x, noise, self.num_kept)
+    cls = (self.cls_token + self.encoder_pos[:, :1]).astype(self.dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+    x = nn.with_logical_constraint(x, vit.ACTIVATION_AXES)
+    return self.encoder_norm(self.encoder(x)), mask, ids_restore
+
+  def decode(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
+    """Predicts every patch (B, L, p * p * C) in float32 from the encoded visible tokens."""
+    x = self.decoder_embed(latent)
+    batch = x.shape[0]
+    num_masked = self.num_patches + 1 - x.shape[1]
+    mask_tokens = jnp.broadcast_to(self.mask_token.astype(x.dtype),
+                                   (batch, num_masked, self.decoder_width))
+    patches = jnp.concatenate([x[:, 1:], mask_tokens], axis=1)
+    patches = jnp.take_along_axis(patches, ids_restore[..., None], axis=1)
+    x = jnp.concatenate([x[:, :1], patches], axis=1) + self.decoder_pos.astype(x.dtype)
+    x = nn.with_logical_constraint(x, vit.ACTIVATION_AXES)
+    x = self.decoder_pred(self.decoder_norm(self.decoder(x)))
+    return x[:, 1:].astype(jnp.float32)
+
+  def __call__(self, images: jax.Array, valid: jax.Array, noise: jax.Array) -> dict[str, jax.Array]:
+    """Masks, encodes, decodes and scores a batch. ``noise`` is (B, L) uniform."""
+    latent, mask, ids_restore = self.encode(images, noise)
+    pred = self.decode(latent, ids_restore)
+    target = patchify(images.astype(jnp.float32), self.patch_size)
+    valid_patches = patchify(valid.astype(jnp.float32), self.patch_size)
+    loss = reconstruction_loss(target, valid_patches, pred, mask, self.norm_pix_loss,
+                               self.num_channels)
+    return {'loss': loss, 'pred': pred, 'mask': mask}
+
+
+def model_from_config(model_config, dtype_override: Any = None) -> MaskedAutoencoder:
+  """Builds the module from the ``config.model`` section."""
+  dtype = jnp.dtype(dtype_override or model_config.dtype)
+  return MaskedAutoencoder(
+      image_size=model_config.image_size,
+      patch_size=model_config.patch_size,
+      num_channels=model_config.num_channels,
+      width=model_config.encoder.width,
+      depth=model_config.encoder.depth,
+      num_heads=model_config.encoder.heads,
+      mlp_dim=model_config.encoder.mlp_dim,
+      decoder_width=model_config.decoder.width,
+      decoder_depth=model_config.decoder.depth,
+      decoder_heads=model_config.decoder.heads,
+      decoder_mlp_dim=model_config.decoder.mlp_dim,
+      pos_embedding=model_config.pos_embedding,
+      mask_ratio=model_config.mask_ratio,
+      norm_pix_loss=model_config.norm_pix_loss,
+      layer_norm_eps=model_config.layer_norm_eps,
+      dtype=dtype,
+      remat_policy=model_config.remat_policy,
+      scan_layers=model_config.scan_layers,
+      attention_implementation=model_config.get('attention_implementation') or None,
+  )

@@ -1,0 +1,277 @@
+"""MAE pretraining: a linear trainer in labelled sections (mesh, data, model, state, loop).
+
+``train_and_evaluate(config, workdir)`` trains ``config.total_steps`` steps, resuming from the
+latest checkpoint in ``workdir`` if there is one. Every random draw derives from
+(config.seed, step), and the data stream is a deterministic function of (seed, step), so a
+resumed run reproduces an uninterrupted one exactly, on any mesh.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+
+from data_pipeline import input as data_input
+from data_pipeline import schema
+from mae_jax import checkpoint as ckpt_lib
+from mae_jax import flops as flops_lib
+from mae_jax import optim
+from mae_jax import plots
+from mae_jax import preprocess
+from mae_jax import sharding
+from mae_jax import state as state_lib
+from mae_jax import validate
+from mae_jax import writers
+from mae_jax.models import mae
+
+# Fields of config.model that decide parameter shapes: a checkpoint must agree on all of them.
+ARCHITECTURE_FIELDS = ('image_size', 'patch_size', 'num_channels', 'encoder', 'decoder',
+                       'pos_embedding', 'scan_layers')
+
+
+def report(message: str) -> None:
+  """Prints a progress message on process 0 only."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def architecture(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
+  values = model_config.to_dict()
+  return {k: values[k] for k in ARCHITECTURE_FIELDS}
+
+
+def step_key(seed: int, step: jax.Array) -> jax.Array:
+  """The PRNG key of one step: independent of mesh, process count and restarts."""
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def loss_fn(params, model, images, valid, noise):
+  out = model.apply({'params': params}, images, valid, noise)
+  return out['loss']
+
+
+def train_step(state, batch, *, model, tx, schedule, mean, std, seed, accum_steps):
+  """One optimiser step on a global batch: normalise, mask, forward, backward, update."""
+  step = state['step']
+  images, valid = preprocess.normalise(batch[schema.IMAGE], mean, std)
+  noise = jax.random.uniform(step_key(seed, step), (images.shape[0], model.num_patches))
+  grad_fn = jax.value_and_grad(loss_fn)
+  if accum_steps == 1:
+    loss, grads = grad_fn(state['params'], model, images, valid, noise)
+  else:
+    # Strided micro-batches keep every micro-batch evenly split over the data axes.
+    def micro(x):
+      return x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+
+    def body(carry, xs):
+      loss_sum, grad_sum = carry
+      loss, grads = grad_fn(state['params'], model, *xs)
+      return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state['params'])
+    (loss, grads), _ = jax.lax.scan(body, (jnp.zeros(()), zeros),
+                                    (micro(images), micro(valid), micro(noise)))
+    loss, grads = loss / accum_steps, jax.tree.map(lambda g: g / accum_steps, grads)
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(step)}
+  return {'step': step + 1, 'params': params, 'opt_state': opt_state}, metrics
+
+
+def reconstruct(params, images_f16, step, *, model, mean, std, seed):
+  """(original, masked, reconstruction) in dB for a few tiles, as in He et al.'s figures."""
+  images, valid = preprocess.normalise(images_f16, mean, std)
+  noise = jax.random.uniform(step_key(seed, step), (images.shape[0], model.num_patches))
+  out = model.apply({'params': params}, images, valid, noise)
+  target = mae.patchify(images, model.patch_size)
+  valid_p = mae.patchify(valid.astype(jnp.float32), model.patch_size)
+  patch_mean, patch_var = mae.target_statistics(target, valid_p, model.norm_pix_loss,
+                                                model.num_channels)
+  pred = out['pred']
+  if model.norm_pix_loss != 'none':
+    pred = pred * jnp.sqrt(patch_var + 1e-6) + patch_mean
+  masked = out['mask'][..., None] > 0
+  pasted = jnp.where(masked, pred, target)
+
+  def to_db(patches, hide):
+    image = preprocess.denormalise(mae.unpatchify(patches, model.patch_size, model.num_channels),
+                                   mean, std)
+    hidden = mae.unpatchify(jnp.broadcast_to(hide, patches.shape).astype(jnp.float32),
+                            model.patch_size, model.num_channels) > 0
+    return jnp.where(valid & ~hidden, image, jnp.nan)
+
+  no_mask = jnp.zeros_like(masked)
+  return to_db(target, no_mask), to_db(target, masked), to_db(pasted, no_mask)
+
+
+class Throughput:
+  """Steps/s, images/s, MFU and ETA over the interval since the last report."""
+
+  def __init__(self, global_batch, flops_per_example, peak_flops, num_devices, total_steps):
+    self.global_batch = global_batch
+    self.flops_per_example = flops_per_example
+    self.peak_total = peak_flops * num_devices if peak_flops else None
+    self.total_steps = total_steps
+    self.start_time = self.start_step = None
+
+  def start(self, step: int) -> None:
+    self.start_time, self.start_step = time.perf_counter(), step
+
+  def report(self, step: int) -> dict[str, float]:
+    elapsed = time.perf_counter() - self.start_time
+    steps = step - self.start_step
+    self.start(step)
+    if steps <= 0 or elapsed <= 0:
+      return {}
+    steps_per_s = steps / elapsed
+    out = {'steps_per_s': steps_per_s, 'img_per_s': steps_per_s * self.global_batch,
+           'eta_min': (self.total_steps - step) / steps_per_s / 60.0}
+    if self.peak_total:
+      out['mfu'] = steps_per_s * self.global_batch * self.flops_per_example / self.peak_total
+    return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) pretraining; returns the last logged metrics."""
+  # --- Config, mesh and data -------------------------------------------------------------
+  validate.check_model(config.model)
+  mesh = sharding.create_mesh(config.mesh)
+  validate.check_batch(config, sharding.data_parallel_size(mesh), jax.process_count())
+  rules = sharding.rules_from_config(config.logical_rules)
+  if not config.dataset.data_dir:
+    raise validate.ConfigError('config.dataset.data_dir is empty: point it at a dataset written '
+                               'by data_pipeline (e.g. python -m data_pipeline.build_synthetic)')
+  dataset = data_input.HostDataset(config.dataset.data_dir, config.dataset.train_split)
+  validate.check_data(config.model, config.dataset.data_dir, dataset.num_channels,
+                      dataset.tile_size)
+  contract = dataset.contract
+  mean, std = np.asarray(contract.mean, np.float32), np.asarray(contract.std, np.float32)
+  local_batch = config.batch_size // jax.process_count()
+
+  workdir_path = epath.Path(workdir)
+  workdir_path.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (workdir_path / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  writer = writers.create_writer(workdir)
+
+  # --- Model, optimiser, state ----------------------------------------------------------------
+  model = mae.model_from_config(config.model)
+  tx, schedule = optim.create_optimizer(config.optim, config.batch_size, config.total_steps)
+  metadata = {'task': 'pretrain', 'model': config.model.to_dict(),
+              'architecture': architecture(config.model), 'input_contract': contract.to_dict(),
+              'config': json.loads(config.to_json_best_effort())}
+  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir),
+                                       keep=config.checkpoint.keep,
+                                       async_save=config.checkpoint.async_save)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract_state, state_sharding = state_lib.state_shardings(model, tx, mesh, rules)
+    latest = checkpointer.latest_step()
+    if latest is None:
+      state = state_lib.create_state(model, tx, jax.random.key(config.seed), state_sharding)
+      report(f'Initialised a new model ({state_lib.count_params(state["params"]):,} parameters).')
+    else:
+      saved = checkpointer.restore_metadata(latest)
+      diffs = ckpt_lib.architecture_differences(saved.get('architecture', {}),
+                                                architecture(config.model))
+      if diffs:
+        raise ValueError(f'checkpoint {checkpointer.directory}/{latest} was written by another '
+                         'model: ' + '; '.join(diffs))
+      state, _ = checkpointer.restore(latest, ckpt_lib.abstract_like(abstract_state, state_sharding))
+      report(f'Resumed from {checkpointer.directory}/{latest}.')
+    start_step = int(jax.device_get(state['step']))
+
+    batch_sharding = sharding.batch_sharding(mesh)
+    step_fn = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, schedule=schedule, mean=mean, std=std,
+                          seed=config.seed, accum_steps=config.optim.grad_accum_steps),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+    recon_fn = jax.jit(functools.partial(reconstruct, model=model, mean=mean, std=std,
+                                         seed=config.seed))
+
+    stop_step = config.total_steps
+    if config.get('stop_at_step', 0):
+      stop_step = min(stop_step, config.stop_at_step)
+    num_steps = max(stop_step - start_step, 0)
+    batches = dataset.batches(local_batch, seed=config.seed, start_step=start_step,
+                              num_steps=num_steps, shuffle_buffer=config.dataset.shuffle_buffer)
+
+    flops_per_example = flops_lib.mae_train_flops(model)
+    peak = flops_lib.device_peak_flops(override_tflops=config.peak_tflops_per_device)
+    throughput = Throughput(config.batch_size, flops_per_example, peak, jax.device_count(),
+                            config.total_steps)
+    report(f'{flops_per_example / 1e9:.3f} GFLOP per example per training step; device peak '
+           + (f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown (no MFU; set '
+              'config.peak_tflops_per_device)') + f'; {jax.device_count()} devices, mesh '
+           f'{dict(mesh.shape)}; steps {start_step} -> {stop_step}.')
+
+    # --- Loop -----------------------------------------------------------------------------------
+    last_metrics: dict[str, Any] = {}
+    preview = None
+    compiled = None
+    for step in range(start_step, stop_step):
+      host_batch = next(batches)
+      if preview is None:
+        preview = host_batch[schema.IMAGE][:config.num_images]
+      batch = data_input.global_batch(host_batch, batch_sharding)
+      if compiled is None:  # Compile ahead of time so timing excludes it.
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(state, batch).compile()
+        report(f'Compiled the train step in {time.perf_counter() - t0:.1f} s.')
+        throughput.start(step)
+      state, metrics = compiled(state, batch)
+      done = step + 1
+      if done % config.log_every_steps == 0 or done in (start_step + 1, stop_step):
+        metrics = jax.device_get(metrics)
+        if not np.isfinite(metrics['loss']):
+          raise FloatingPointError(f'non-finite loss {metrics["loss"]} at step {done}')
+        last_metrics = {**{k: float(v) for k, v in metrics.items()}, **throughput.report(done)}
+        writer.write_scalars(done, last_metrics)
+        writer.flush()
+      if (done % config.image_every_steps == 0 or done == stop_step) and jax.process_index() == 0:
+        write_reconstruction(writer, workdir, done, recon_fn, state['params'], preview)
+      if done % config.checkpoint.every_steps == 0 or done == stop_step:
+        checkpointer.save(done, state, metadata, force=True)
+    checkpointer.close()
+    writer.close()
+  return last_metrics
+
+
+def write_reconstruction(writer, workdir, step, recon_fn, params, preview) -> None:
+  original, masked, recon = (np.asarray(a) for a in recon_fn(params, preview, step))
+  figure = plots.reconstruction_figure(original, masked, recon)
+  plot_dir = os.path.join(workdir, 'plots')
+  os.makedirs(plot_dir, exist_ok=True)
+  plots.write_png(os.path.join(plot_dir, f'reconstruction_{step:07d}.png'), figure)
+  writer.write_images(step, {'reconstruction': figure[None]})
+
+
+def restore_state(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
+  """Restores a pretraining state from ``workdir`` onto the mesh of ``config``.
+
+  Returns (state, metadata). The mesh may differ from the one the checkpoint was saved on.
+  """
+  mesh = sharding.create_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.logical_rules)
+  model = mae.model_from_config(config.model)
+  tx, _ = optim.create_optimizer(config.optim, config.batch_size, config.total_steps)
+  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), async_save=False)
+  step = checkpointer.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {ckpt_lib.checkpoint_dir(workdir)}')
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract, shardings = state_lib.state_shardings(model, tx, mesh, rules)
+    state, metadata = checkpointer.restore(step, ckpt_lib.abstract_like(abstract, shardings))
+  checkpointer.close()
+  return state, metadata

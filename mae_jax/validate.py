@@ -1,0 +1,59 @@
+"""Start-up checks of a config against the mesh and the data, with errors that name the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mae_jax.models import mae
+
+
+class ConfigError(ValueError):
+  """A configuration value that cannot work; the message names the field."""
+
+
+def check_model(model_config: Any) -> None:
+  size, patch = model_config.image_size, model_config.patch_size
+  if patch <= 0 or size % patch:
+    raise ConfigError(f'config.model.patch_size={patch} does not divide '
+                      f'config.model.image_size={size}')
+  if not 0.0 < model_config.mask_ratio < 1.0:
+    raise ConfigError(f'config.model.mask_ratio={model_config.mask_ratio} must lie in (0, 1)')
+  if int((size // patch)**2 * (1 - model_config.mask_ratio)) < 1:
+    raise ConfigError(f'config.model.mask_ratio={model_config.mask_ratio} leaves no visible patch')
+  for part in ('encoder', 'decoder'):
+    width, heads = model_config[part].width, model_config[part].heads
+    if width % heads:
+      raise ConfigError(f'config.model.{part}.width={width} is not divisible by '
+                        f'config.model.{part}.heads={heads}')
+  if model_config.norm_pix_loss not in mae.NORM_PIX_CHOICES:
+    raise ConfigError(f'config.model.norm_pix_loss={model_config.norm_pix_loss!r} must be one of '
+                      f'{mae.NORM_PIX_CHOICES}')
+  if model_config.pos_embedding not in mae.POS_EMBEDDING_CHOICES:
+    raise ConfigError(f'config.model.pos_embedding={model_config.pos_embedding!r} must be one of '
+                      f'{mae.POS_EMBEDDING_CHOICES}')
+
+
+def check_batch(config: Any, data_parallel: int, process_count: int) -> None:
+  batch, accum = config.batch_size, config.optim.grad_accum_steps
+  if batch <= 0:
+    raise ConfigError(f'config.batch_size={batch} must be positive')
+  if accum < 1 or batch % accum:
+    raise ConfigError(f'config.batch_size={batch} is not divisible by '
+                      f'config.optim.grad_accum_steps={accum}')
+  if (batch // accum) % data_parallel:
+    raise ConfigError(f'config.batch_size={batch} (per micro-batch {batch // accum}) is not '
+                      f'divisible by the data-parallel size {data_parallel} '
+                      '(config.mesh data x fsdp)')
+  if batch % process_count:
+    raise ConfigError(f'config.batch_size={batch} is not divisible by the {process_count} processes')
+  if config.total_steps <= 0:
+    raise ConfigError(f'config.total_steps={config.total_steps} must be positive')
+
+
+def check_data(model_config: Any, data_dir: str, num_channels: int, tile_size: int) -> None:
+  if model_config.num_channels != num_channels:
+    raise ConfigError(f'config.model.num_channels={model_config.num_channels} but the dataset at '
+                      f'{data_dir} has {num_channels} channels')
+  if model_config.image_size != tile_size:
+    raise ConfigError(f'config.model.image_size={model_config.image_size} but the dataset at '
+                      f'{data_dir} has {tile_size} x {tile_size} tiles')

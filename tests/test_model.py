@@ -1,0 +1,153 @@
+"""The MAE's pieces against numpy re-implementations and hand-computed values."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mae_jax.models import mae
+from mae_jax.models import vit
+
+
+def np_patchify(images, p):
+  b, h, w, c = images.shape
+  out = np.zeros((b, (h // p) * (w // p), p * p * c), images.dtype)
+  for i in range(h // p):
+    for j in range(w // p):
+      # (row in patch, column in patch, channel) order.
+      out[:, i * (w // p) + j] = images[:, i * p:(i + 1) * p, j * p:(j + 1) * p, :].reshape(b, -1)
+  return out
+
+
+def test_patchify_matches_numpy_and_inverts():
+  images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  patches = mae.patchify(jnp.asarray(images), 8)
+  np.testing.assert_array_equal(patches, np_patchify(images, 8))
+  np.testing.assert_array_equal(mae.unpatchify(patches, 8, 3), images)
+
+
+def test_patchify_rejects_a_patch_that_does_not_divide():
+  with pytest.raises(ValueError, match='not divisible by patch size 7'):
+    mae.patchify(jnp.zeros((1, 32, 32, 3)), 7)
+
+
+def test_random_masking_keeps_the_lowest_noise():
+  noise = np.array([[0.9, 0.1, 0.5, 0.3], [0.2, 0.8, 0.6, 0.4]], np.float32)
+  tokens = np.arange(2 * 4 * 1, dtype=np.float32).reshape(2, 4, 1)
+  kept, mask, ids_restore = mae.random_masking(jnp.asarray(tokens), jnp.asarray(noise), keep=2)
+  np.testing.assert_array_equal(kept[..., 0], [[1, 3], [4, 7]])  # argsort order
+  np.testing.assert_array_equal(mask, [[1, 0, 1, 0], [0, 1, 1, 0]])
+  np.testing.assert_array_equal(ids_restore, np.argsort(np.argsort(noise, 1), 1))
+
+
+def np_loss(target, valid, pred, mask, norm_pix, channels, eps=1e-6):
+  """Element loops: the mean squared error over valid values of masked patches."""
+  b, l, p = target.shape
+  total = count = 0.0
+  for i in range(b):
+    for j in range(l):
+      if not mask[i, j]:
+        continue
+      t, v = target[i, j].astype(np.float64), valid[i, j].astype(bool)
+      if norm_pix == 'patch':
+        groups = [np.arange(p)]
+      elif norm_pix == 'patch_channel':
+        groups = [np.arange(c, p, channels) for c in range(channels)]
+      else:
+        groups = []
+      t = t.copy()
+      for g in groups:
+        values = t[g][v[g]]
+        if values.size:
+          mean = values.mean()
+          var = values.var(ddof=1) if values.size > 1 else 0.0
+          t[g] = (t[g] - mean) / np.sqrt(var + eps)
+      err = (pred[i, j] - t)**2
+      total += err[v].sum()
+      count += v.sum()
+  return total / count
+
+
+@pytest.mark.parametrize('norm_pix', ['none', 'patch', 'patch_channel'])
+def test_loss_matches_numpy_with_no_data(norm_pix):
+  rng = np.random.default_rng(1)
+  target = rng.normal(size=(2, 5, 12)).astype(np.float32)
+  pred = rng.normal(size=(2, 5, 12)).astype(np.float32)
+  valid = rng.random((2, 5, 12)) > 0.2
+  valid[0, 1] = False  # A patch that is all no-data.
+  mask = np.array([[1, 1, 0, 1, 0], [0, 1, 1, 1, 0]], np.float32)
+  got = mae.reconstruction_loss(jnp.asarray(target), jnp.asarray(valid), jnp.asarray(pred),
+                                jnp.asarray(mask), norm_pix, channels=3)
+  np.testing.assert_allclose(got, np_loss(target, valid, pred, mask, norm_pix, 3), rtol=1e-5)
+
+
+def test_loss_by_hand():
+  # One masked patch of two values: target (1, 3), prediction (0, 0). Raw: (1 + 9) / 2 = 5.
+  # Norm-pix: mean 2, unbiased var 2 -> target (-1, 1) / sqrt(2 + eps): loss = 1 / (2 + eps).
+  target = jnp.array([[[1.0, 3.0]]])
+  args = (jnp.ones((1, 1, 2)), jnp.zeros((1, 1, 2)), jnp.ones((1, 1)))
+  assert float(mae.reconstruction_loss(target, *args, 'none', 1)) == pytest.approx(5.0)
+  assert float(mae.reconstruction_loss(target, *args, 'patch', 1)) == pytest.approx(
+      1 / (2 + 1e-6), rel=1e-6)
+
+
+def test_sincos_2d_by_hand():
+  emb = vit.sincos_2d(8, 2)
+  assert emb.shape == (5, 8)
+  np.testing.assert_array_equal(emb[0], 0)  # cls
+  # Patch (row 1, col 0) -> index 3; MAE's meshgrid(w, h) puts the column first.
+  omega = 1.0 / 10000**(np.arange(2) / 2.0)
+  col, row = 0.0, 1.0
+  expected = np.concatenate([np.sin(col * omega), np.cos(col * omega),
+                             np.sin(row * omega), np.cos(row * omega)])
+  np.testing.assert_allclose(emb[1 + 2], expected, rtol=1e-6)
+
+
+def small_model(**kwargs):
+  defaults = dict(image_size=32, patch_size=8, num_channels=12, width=32, depth=2, num_heads=2,
+                  mlp_dim=64, decoder_width=16, decoder_depth=1, decoder_heads=2,
+                  decoder_mlp_dim=32)
+  defaults.update(kwargs)
+  return mae.MaskedAutoencoder(**defaults)
+
+
+def test_forward_shapes_and_visible_token_count():
+  model = small_model()
+  images = jax.random.normal(jax.random.key(0), (3, 32, 32, 12))
+  valid = jnp.ones_like(images, bool)
+  noise = jax.random.uniform(jax.random.key(1), (3, 16))
+  params = model.init(jax.random.key(2), images, valid, noise)
+  out = model.apply(params, images, valid, noise)
+  assert out['pred'].shape == (3, 16, 8 * 8 * 12)
+  np.testing.assert_array_equal(out['mask'].sum(1), [12, 12, 12])  # 16 - int(16 * 0.25)
+  latent, _, _ = model.apply(params, images, None, method=model.encode)
+  assert latent.shape == (3, 17, 32)  # Without noise every patch is encoded (fine-tuning).
+
+
+def test_scan_and_remat_give_the_same_loss_as_a_loop():
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 12))
+  valid = jnp.ones_like(images, bool)
+  noise = jax.random.uniform(jax.random.key(1), (2, 16))
+  scanned = small_model(scan_layers=True, remat_policy='full')
+  scan_params = nn.meta.unbox(scanned.init(jax.random.key(2), images, valid, noise)['params'])
+  def unstack(blocks, depth):
+    return {f'block_{i}': jax.tree.map(lambda x: x[i], blocks) for i in range(depth)}
+  params = dict(scan_params, encoder=unstack(scan_params['encoder']['blocks'], 2),
+                decoder=unstack(scan_params['decoder']['blocks'], 1))
+  a = small_model().apply({'params': params}, images, valid, noise)['loss']
+  b = scanned.apply({'params': scan_params}, images, valid, noise)['loss']
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_close_loss():
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 12))
+  valid = jnp.ones_like(images, bool)
+  noise = jax.random.uniform(jax.random.key(1), (2, 16))
+  model = small_model()
+  params = model.init(jax.random.key(2), images, valid, noise)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  a = model.apply(params, images, valid, noise)['loss']
+  b = small_model(dtype=jnp.bfloat16).apply(params, images, valid, noise)['loss']
+  assert b.dtype == jnp.float32
+  np.testing.assert_allclose(a, b, rtol=2e-2)
