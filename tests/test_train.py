@@ -87,3 +87,30 @@ def test_checkpoint_of_another_model_is_refused(tiny_config, tmp_path):
   run(tiny_config, tmp_path / 'wd')
   with pytest.raises(ValueError, match=r'model\.encoder\.width: checkpoint 32 != config 64'):
     run(tiny_config, tmp_path / 'wd', total_steps=4, **{'model.encoder.width': 64})
+
+
+def test_gradient_accumulation_equals_the_full_batch(tiny_config):
+  import functools
+  import flax.linen as nn
+  from mae_jax import optim, sharding, state as state_lib
+  from mae_jax.models import mae as mae_lib
+  config = tiny_config
+  model = mae_lib.model_from_config(config.model)
+  tx, schedule = optim.create_optimizer(config.optim, 8, 10)
+  mesh = sharding.create_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.logical_rules)
+  images = np.random.default_rng(0).normal(-12, 4, (8, 32, 32, 12)).astype(np.float16)
+  mean, std = np.full(12, -12.0, np.float32), np.full(12, 4.0, np.float32)
+  results = []
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    _, shardings = state_lib.state_shardings(model, tx, mesh, rules)
+    for accum in (1, 2):
+      state = state_lib.create_state(model, tx, jax.random.key(0), shardings)
+      step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
+                                       mean=mean, std=std, seed=0, accum_steps=accum))
+      state, metrics = step(state, {'image': jax.device_put(images, sharding.batch_sharding(mesh))})
+      state, metrics = step(state, {'image': jax.device_put(images, sharding.batch_sharding(mesh))})
+      results.append((jax.device_get(state['params']), float(metrics['loss'])))
+  # Every value is valid, so the mean of the micro-batch losses is the full-batch loss.
+  np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *[r[0] for r in results])
