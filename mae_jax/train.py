@@ -46,6 +46,13 @@ def report(message: str) -> None:
     print(message, flush=True)
 
 
+def resolve_workdir(workdir: str) -> str:
+  """Absolute local path (Orbax requires one) or the unchanged remote URL (gs://...)."""
+  if not workdir:
+    raise ValueError('workdir is empty: pass --workdir DIR')
+  return workdir if '://' in workdir else os.path.abspath(workdir)
+
+
 def architecture(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
   values = model_config.to_dict()
   return {k: values[k] for k in ARCHITECTURE_FIELDS}
@@ -144,6 +151,7 @@ class Throughput:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) pretraining; returns the last logged metrics."""
+  workdir = resolve_workdir(workdir)
   # --- Config, mesh and data -------------------------------------------------------------
   validate.check_model(config.model)
   mesh = sharding.create_mesh(config.mesh)
@@ -262,6 +270,9 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, step: int | N
 
   Returns (state, metadata). The mesh may differ from the one the checkpoint was saved on.
   """
+  workdir = resolve_workdir(workdir)
+  if not epath.Path(ckpt_lib.checkpoint_dir(workdir)).exists():
+    raise FileNotFoundError(f'no checkpoints folder in {workdir!r}: is it a mae_jax workdir?')
   mesh = sharding.create_mesh(config.mesh)
   rules = sharding.rules_from_config(config.logical_rules)
   model = mae.model_from_config(config.model)

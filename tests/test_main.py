@@ -10,17 +10,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_entrypoint_with_overrides(tiny_dataset, tmp_path):
   workdir = tmp_path / 'wd'
+  # Run from another folder with a relative workdir, as users do.
   command = [
-      sys.executable, '-m', 'mae_jax.main', '--config', 'configs/pretrain.py:tiny',
-      '--workdir', str(workdir), f'--config.dataset.data_dir={tiny_dataset}',
+      sys.executable, '-m', 'mae_jax.main', '--config', f'{ROOT}/configs/pretrain.py:tiny',
+      '--workdir', 'wd', f'--config.dataset.data_dir={tiny_dataset}',
       '--config.model.image_size=32', '--config.model.encoder.width=32',
       '--config.model.encoder.depth=1', '--config.model.encoder.heads=2',
       '--config.model.decoder.width=32', '--config.model.decoder.depth=1',
       '--config.model.decoder.heads=2', '--config.total_steps=4', '--config.batch_size=8',
       '--config.seed=7', '--config.mesh.data=4', '--config.mesh.fsdp=2',
       '--config.log_every_steps=2', '--config.image_every_steps=4']
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', PYTHONPATH=ROOT)
+  result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'step 4: ' in result.stdout and 'loss=' in result.stdout
   assert "mesh {'data': 4, 'fsdp': 2, 'tensor': 1}" in result.stdout

@@ -114,3 +114,9 @@ def test_gradient_accumulation_equals_the_full_batch(tiny_config):
   # Every value is valid, so the mean of the micro-batch losses is the full-batch loss.
   np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *[r[0] for r in results])
+
+
+def test_restoring_from_a_missing_workdir_is_a_clear_error(tiny_config, tmp_path):
+  with pytest.raises(FileNotFoundError, match='no checkpoints folder in .*nowhere'):
+    train.restore_state(tiny_config, str(tmp_path / 'nowhere'))
+  assert not (tmp_path / 'nowhere').exists()
