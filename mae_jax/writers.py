@@ -17,13 +17,28 @@ from clu import metric_writers
 from etils import epath
 
 
-class JsonlWriter(metric_writers.MetricWriter):
+class ScalarWriter(metric_writers.MetricWriter):
+  """A writer of scalars only: every other kind of summary is ignored."""
+
+  def write_summaries(self, step, values, metadata=None): pass
+  def write_images(self, step, images): pass
+  def write_videos(self, step, videos): pass
+  def write_audios(self, step, audios, *, sample_rate): pass
+  def write_texts(self, step, texts): pass
+  def write_histograms(self, step, arrays, num_buckets=None): pass
+  def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None): pass
+  def write_hparams(self, hparams): pass
+
+
+class JsonlWriter(ScalarWriter):
   """Appends one JSON line per ``write_scalars`` call."""
 
   def __init__(self, path: str):
     self._path = epath.Path(path)
     self._remote = '://' in path
-    self._lines: list[str] = []
+    # A resumed run keeps the lines of the runs before it.
+    self._lines = (self._path.read_text().splitlines()
+                   if self._remote and self._path.exists() else [])
     self._pending: list[str] = []
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -45,17 +60,8 @@ class JsonlWriter(metric_writers.MetricWriter):
   def close(self) -> None:
     self.flush()
 
-  def write_summaries(self, step, values, metadata=None): pass
-  def write_images(self, step, images): pass
-  def write_videos(self, step, videos): pass
-  def write_audios(self, step, audios, *, sample_rate): pass
-  def write_texts(self, step, texts): pass
-  def write_histograms(self, step, arrays, num_buckets=None): pass
-  def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None): pass
-  def write_hparams(self, hparams): pass
 
-
-class StdoutWriter(metric_writers.MetricWriter):
+class StdoutWriter(ScalarWriter):
   """One readable line per logged step."""
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -65,14 +71,6 @@ class StdoutWriter(metric_writers.MetricWriter):
       parts.append(f'{key}={value:.4g}' if abs(value) < 1e5 else f'{key}={value:.3e}')
     print(f'step {step}: ' + ' '.join(parts), file=sys.stdout, flush=True)
 
-  def write_summaries(self, step, values, metadata=None): pass
-  def write_images(self, step, images): pass
-  def write_videos(self, step, videos): pass
-  def write_audios(self, step, audios, *, sample_rate): pass
-  def write_texts(self, step, texts): pass
-  def write_histograms(self, step, arrays, num_buckets=None): pass
-  def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None): pass
-  def write_hparams(self, hparams): pass
   def flush(self): sys.stdout.flush()
   def close(self): self.flush()
 
