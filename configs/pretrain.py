@@ -76,7 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'bfloat16'  # Compute dtype; params and optimiser state stay float32.
   c.model.remat_policy = 'none'  # 'none' | 'full' | 'dots' | 'save_dots'
   c.model.scan_layers = False
-  c.model.attention_implementation = ''  # '' lets XLA choose; 'cudnn' on GPUs.
+  # 'auto': jax.nn.dot_product_attention on accelerators, einsum form on CPU; or 'xla',
+  # 'cudnn', 'einsum' (mae_jax.models.vit.attention).
+  c.model.attention_implementation = 'auto'
 
   c.optim = ml_collections.ConfigDict()
   c.optim.schedule = 'warmup_cosine'

@@ -151,3 +151,19 @@ def test_bfloat16_compute_keeps_float32_params_and_close_loss():
   b = small_model(dtype=jnp.bfloat16).apply(params, images, valid, noise)['loss']
   assert b.dtype == jnp.float32
   np.testing.assert_allclose(a, b, rtol=2e-2)
+
+
+def test_attention_implementations_agree():
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 9, 3, 8)) for i in range(3))
+  reference = np.asarray(jax.nn.dot_product_attention(q, k, v))
+  # numpy by hand for one head.
+  logits = np.einsum('qh,kh->qk', q[0, :, 1], k[0, :, 1]) / np.sqrt(8)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  np.testing.assert_allclose(reference[0, :, 1], weights @ np.asarray(v[0, :, 1]), rtol=1e-5,
+                             atol=1e-6)
+  for implementation in ('auto', 'einsum', 'xla'):
+    np.testing.assert_allclose(vit.attention(q, k, v, implementation), reference, rtol=1e-5,
+                               atol=1e-6)
+  with pytest.raises(ValueError, match='must be one of'):
+    vit.attention(q, k, v, 'flash')

@@ -123,7 +123,7 @@ class MaskedAutoencoder(nn.Module):
   dtype: Any = jnp.float32
   remat_policy: str = 'none'
   scan_layers: bool = False
-  attention_implementation: str | None = None
+  attention_implementation: str = 'auto'
 
   @property
   def grid_size(self) -> int:
@@ -246,5 +246,5 @@ def model_from_config(model_config, dtype_override: Any = None) -> MaskedAutoenc
       dtype=dtype,
       remat_policy=model_config.remat_policy,
       scan_layers=model_config.scan_layers,
-      attention_implementation=model_config.get('attention_implementation') or None,
+      attention_implementation=model_config.get('attention_implementation', 'auto'),
   )

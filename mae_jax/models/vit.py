@@ -93,11 +93,39 @@ class HeadsOutput(nn.Module):
     return jnp.einsum('btnh,nhd->btd', x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
+ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'einsum')
+
+
+def einsum_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+  """Softmax attention written as two einsums; (B, T, N, H) in and out."""
+  scale = jnp.asarray(query.shape[-1]**-0.5, query.dtype)
+  logits = jnp.einsum('bqnh,bknh->bnqk', query * scale, key)
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
+  return jnp.einsum('bnqk,bknh->bqnh', weights, value)
+
+
+def attention(query, key, value, implementation: str = 'auto') -> jax.Array:
+  """Dispatches to an attention implementation.
+
+  'auto' uses ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPUs, XLA's fused
+  form on TPUs) except on CPUs, where the plain einsum form measured 1.3-1.7x faster for the
+  785-token decoder (bench/bench_step.py); 'xla' and 'cudnn' force the library call.
+  """
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f'attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, '
+                     f'got {implementation!r}')
+  if implementation == 'auto':
+    implementation = 'einsum' if jax.default_backend() == 'cpu' else 'xla'
+  if implementation == 'einsum':
+    return einsum_attention(query, key, value)
+  return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
+
+
 class SelfAttention(nn.Module):
-  """Multi-head self-attention through ``jax.nn.dot_product_attention`` (fused where possible)."""
+  """Multi-head self-attention; see :func:`attention` for the implementations."""
   num_heads: int
   dtype: Dtype = jnp.float32
-  implementation: str | None = None  # None lets XLA choose; 'cudnn' forces the fused kernel.
+  implementation: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -110,7 +138,7 @@ class SelfAttention(nn.Module):
         nn.with_logical_constraint(HeadsProjection(self.num_heads, head_dim, self.dtype,
                                                    name=name)(x), heads_axes)
         for name in ('query', 'key', 'value'))
-    out = jax.nn.dot_product_attention(query, key, value, implementation=self.implementation)
+    out = attention(query, key, value, self.implementation)
     out = nn.with_logical_constraint(out, heads_axes)
     return HeadsOutput(width, self.dtype, name='out')(out)
 
@@ -121,7 +149,7 @@ class EncoderBlock(nn.Module):
   mlp_dim: int
   layer_norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
-  attention_implementation: str | None = None
+  attention_implementation: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, _=None):
@@ -157,7 +185,7 @@ class Transformer(nn.Module):
   dtype: Dtype = jnp.float32
   remat_policy: str = 'none'
   scan_layers: bool = False
-  attention_implementation: str | None = None
+  attention_implementation: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
