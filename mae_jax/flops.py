@@ -37,7 +37,7 @@ def mae_forward_flops(model: Any) -> float:
   flops += 2 * (kept + 1) * model.width * model.decoder_width               # decoder embed
   flops += transformer_flops(patches + 1, model.decoder_width, model.decoder_depth,
                              model.decoder_mlp_dim)
-  flops += 2 * (patches + 1) * model.decoder_width * model.patch_dim        # pixel prediction
+  flops += 2 * patches * model.decoder_width * model.patch_dim              # pixel prediction
   return float(flops)
 
 

@@ -63,19 +63,19 @@ def step_key(seed: int, step: jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), step)
 
 
-def loss_fn(params, model, images, valid, noise):
-  out = model.apply({'params': params}, images, valid, noise)
+def loss_fn(params, model, patches, valid, noise):
+  out = model.apply({'params': params}, patches, valid, noise, method=model.forward_patches)
   return out['loss']
 
 
 def train_step(state, batch, *, model, tx, schedule, mean, std, seed, accum_steps):
   """One optimiser step on a global batch: normalise, mask, forward, backward, update."""
   step = state['step']
-  images, valid = preprocess.normalise(batch[schema.IMAGE], mean, std)
-  noise = jax.random.uniform(step_key(seed, step), (images.shape[0], model.num_patches))
+  patches, valid = preprocess.normalise_patches(batch[schema.IMAGE], model.patch_size, mean, std)
+  noise = jax.random.uniform(step_key(seed, step), (patches.shape[0], model.num_patches))
   grad_fn = jax.value_and_grad(loss_fn)
   if accum_steps == 1:
-    loss, grads = grad_fn(state['params'], model, images, valid, noise)
+    loss, grads = grad_fn(state['params'], model, patches, valid, noise)
   else:
     # Strided micro-batches keep every micro-batch evenly split over the data axes.
     def micro(x):
@@ -88,7 +88,7 @@ def train_step(state, batch, *, model, tx, schedule, mean, std, seed, accum_step
 
     zeros = jax.tree.map(jnp.zeros_like, state['params'])
     (loss, grads), _ = jax.lax.scan(body, (jnp.zeros(()), zeros),
-                                    (micro(images), micro(valid), micro(noise)))
+                                    (micro(patches), micro(valid), micro(noise)))
     loss, grads = loss / accum_steps, jax.tree.map(lambda g: g / accum_steps, grads)
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)

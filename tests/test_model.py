@@ -167,3 +167,15 @@ def test_attention_implementations_agree():
                                atol=1e-6)
   with pytest.raises(ValueError, match='must be one of'):
     vit.attention(q, k, v, 'flash')
+
+
+def test_normalising_in_patch_layout_equals_normalising_images():
+  from mae_jax import preprocess
+  rng = np.random.default_rng(0)
+  images = rng.normal(-12, 5, (2, 32, 32, 12)).astype(np.float16)
+  images[0, :5, :7, 3] = np.nan
+  mean, std = rng.normal(-10, 3, 12).astype(np.float32), rng.uniform(1, 4, 12).astype(np.float32)
+  patches, valid = preprocess.normalise_patches(jnp.asarray(images), 8, mean, std)
+  expected = np.where(np.isnan(images), 0, (images.astype(np.float32) - mean) / std)
+  np.testing.assert_allclose(patches, np_patchify(expected, 8), rtol=1e-6)
+  np.testing.assert_array_equal(valid, np_patchify(~np.isnan(images), 8))

@@ -189,7 +189,11 @@ class MaskedAutoencoder(nn.Module):
     Returns (latent (B, 1 + kept, D) after the final LayerNorm, mask (B, L) or None,
     ids_restore (B, L) or None).
     """
-    x = self.patch_embed(patchify(images, self.patch_size).astype(self.dtype))
+    return self.encode_patches(patchify(images, self.patch_size), noise)
+
+  def encode_patches(self, patches: jax.Array, noise: jax.Array | None = None):
+    """:meth:`encode` on already patchified images (B, L, p * p * C)."""
+    x = self.patch_embed(patches.astype(self.dtype))
     x = x + self.encoder_pos[:, 1:].astype(self.dtype)
     mask = ids_restore = None
     if noise is not None:
@@ -210,15 +214,26 @@ class MaskedAutoencoder(nn.Module):
     patches = jnp.take_along_axis(patches, ids_restore[..., None], axis=1)
     x = jnp.concatenate([x[:, :1], patches], axis=1) + self.decoder_pos.astype(x.dtype)
     x = nn.with_logical_constraint(x, vit.ACTIVATION_AXES)
-    x = self.decoder_pred(self.decoder_norm(self.decoder(x)))
-    return x[:, 1:].astype(jnp.float32)
+    # Drop cls before the wide prediction layer: its output would be discarded anyway.
+    x = self.decoder_norm(self.decoder(x))[:, 1:]
+    return self.decoder_pred(x).astype(jnp.float32)
 
   def __call__(self, images: jax.Array, valid: jax.Array, noise: jax.Array) -> dict[str, jax.Array]:
     """Masks, encodes, decodes and scores a batch. ``noise`` is (B, L) uniform."""
-    latent, mask, ids_restore = self.encode(images, noise)
+    return self.forward_patches(patchify(images, self.patch_size),
+                                patchify(valid, self.patch_size), noise)
+
+  def forward_patches(self, patches: jax.Array, valid_patches: jax.Array,
+                      noise: jax.Array) -> dict[str, jax.Array]:
+    """:meth:`__call__` on patchified images and validity, (B, L, p * p * C) each.
+
+    The train step patchifies the compact float16 input once and normalises it in patch
+    layout (``preprocess.normalise_patches``): on CPUs the transposes of full images cost more
+    than many of the matmuls.
+    """
+    target = patches.astype(jnp.float32)
+    latent, mask, ids_restore = self.encode_patches(target, noise)
     pred = self.decode(latent, ids_restore)
-    target = patchify(images.astype(jnp.float32), self.patch_size)
-    valid_patches = patchify(valid.astype(jnp.float32), self.patch_size)
     loss = reconstruction_loss(target, valid_patches, pred, mask, self.norm_pix_loss,
                                self.num_channels)
     return {'loss': loss, 'pred': pred, 'mask': mask}
