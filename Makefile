@@ -1,6 +1,6 @@
 # Two commands for a fresh machine (Python 3.10+ with pip and venv; no GPU needed):
-#   make demo   builds the embedded dataset and pretrains the tiny MAE on it (~5 min on 2 cores)
-#   make test   runs the test suite on 8 fake CPU devices (~10 min on 2 cores)
+#   make demo   builds the embedded dataset and pretrains the tiny MAE on it (~3 min on 2 cores)
+#   make test   runs the test suite on 8 fake CPU devices (~4 min on 2 cores)
 # Both create .venv from the pinned requirements on first use.
 
 PYTHON ?= python3
@@ -33,8 +33,8 @@ test: $(VENV)/.installed
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests
 
 bench: $(VENV)/.installed
-	$(PY) bench/bench_step.py --preset tiny
-	$(PY) bench/bench_step.py --preset vit_b --steps 3
+	$(PY) bench/bench_step.py --preset tiny --repeats 5
+	$(PY) bench/bench_step.py --preset poster --batch 2 --steps 3 --warmup 1 --repeats 3
 
 clean:
 	rm -rf $(VENV) $(DEMO_WORKDIR)
