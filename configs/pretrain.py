@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = 'pretrain'
   c.seed = 0
   c.total_steps = 100_000
+  # Stop (with a checkpoint) at this step although total_steps is larger: time-boxed jobs and
+  # resume tests; the schedule still follows total_steps. 0 = off.
+  c.stop_at_step = 0
   c.batch_size = 4096  # Global, over all processes.
 
   c.dataset = ml_collections.ConfigDict()

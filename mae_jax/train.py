@@ -209,9 +209,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                          seed=config.seed))
 
     stop_step = config.total_steps
-    if config.get('stop_at_step', 0):
+    if config.stop_at_step:
       stop_step = min(stop_step, config.stop_at_step)
     num_steps = max(stop_step - start_step, 0)
+    if not num_steps:
+      report(f'Nothing to do: the checkpoint is at step {start_step}, the run stops at {stop_step}.')
     batches = dataset.batches(local_batch, seed=config.seed, start_step=start_step,
                               num_steps=num_steps, shuffle_buffer=config.dataset.shuffle_buffer)
 
