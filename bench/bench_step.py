@@ -37,19 +37,6 @@ from mae_jax import train
 from mae_jax.models import mae
 
 
-def measured_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
-  """Best float32 matmul FLOP/s on the default device (the CPU's practical peak)."""
-  a = jnp.ones((size, size), jnp.float32)
-  matmul = jax.jit(lambda x, y: x @ y)
-  matmul(a, a).block_until_ready()
-  best = float('inf')
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    matmul(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * size**3 / best
-
-
 def synthetic_batch(batch: int, size: int, channels: int, seed: int = 0) -> np.ndarray:
   rng = np.random.default_rng(seed)
   return rng.normal(-12.0, 5.0, (batch, size, size, channels)).astype(np.float16)
@@ -151,10 +138,10 @@ def main():
   elif on_cpu:
     config.model.dtype = 'float32'  # CPUs have no fast bfloat16 matmul path in XLA.
   batch = args.batch or (config.batch_size if args.preset == 'tiny' else 2 * jax.device_count())
-  peak = flops_lib.device_peak_flops(override_tflops=config.peak_tflops_per_device)
-  peak_source = 'spec sheet'
+  peak, peak_source = flops_lib.device_peak_flops(override_tflops=config.peak_tflops_per_device)
   if peak is None:
-    peak, peak_source = measured_matmul_peak(), 'measured f32 matmul'
+    raise SystemExit(f'unknown peak FLOP/s for {jax.devices()[0].device_kind}: '
+                     'set config.peak_tflops_per_device')
   peak_total = peak * jax.device_count()
 
   model, params, jax_run, compile_s = bench_jax(config, batch, args.steps, args.warmup)

@@ -1,4 +1,4 @@
-r"""MAE pretraining on Sentinel-1 tiles. Presets: tiny, poster, mae_b, mae_l, mae_h.
+r"""MAE pretraining on Sentinel-1 tiles: the presets, their commands and their costs.
 
 Run (the embedded dataset is built by ``make demo`` or ``python -m data_pipeline.build_synthetic``):
 
@@ -15,10 +15,10 @@ Presets and expected cost (model FLOPs from ``mae_jax.flops``; 448 px, patch 16,
     (~4.2 M steps at batch 8, or ~130 K steps at batch 256). 142 GFLOP per example per step
     (3 x 47.4 forward): ~36 s per epoch of 450 K tiles (75 epochs: ~45 min) on a v4-32
     (16 chips) at 40 % MFU.
-  * ``mae_b`` / ``mae_l`` / ``mae_h``: He et al.'s recipe at 448 px: sin-cos embeddings,
+  * ``mae_ti`` / ``mae_s`` / ``mae_b`` / ``mae_l`` / ``mae_h``: He et al.'s recipe at 448 px: sin-cos embeddings,
     8 x 512 decoder, per-patch normalised targets, AdamW (0.9, 0.95), lr 1.5e-4 x batch / 256,
-    40-epoch warmup then cosine, wd 0.05, batch 4096, 800 epochs. Forward GFLOP per example:
-    91 (B), 180 (L), 313 (H); one epoch of 450 K tiles on a v4-32 at 40 % MFU takes ~70 s (B),
+    40-epoch warmup then cosine, wd 0.05, batch 4096, 800 epochs. Forward GFLOP per example
+    (all with the 8 x 512 decoder, ~52 of it): 56 (Ti), 63 (S), 91 (B), 180 (L), 313 (H); one epoch of 450 K tiles on a v4-32 at 40 % MFU takes ~70 s (B),
     ~140 s (L), ~240 s (H), so 800 epochs take ~16 h (B) to ~53 h (H) there. Set
     ``--config.mesh.fsdp`` so params and optimiser state fit (ViT-H: fsdp >= 8).
 """
@@ -148,8 +148,8 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 0
     c.optim.b2 = 0.999
     c.optim.weight_decay = 0.01
-  elif preset in ('mae_b', 'mae_l', 'mae_h'):
-    c.model.encoder = encoder(preset[-1].upper())
+  elif preset in ('mae_ti', 'mae_s', 'mae_b', 'mae_l', 'mae_h'):
+    c.model.encoder = encoder({'ti': 'Ti'}.get(preset[4:], preset[4:].upper()))
     c.total_steps = 800 * 450_000 // 4096
     c.optim.warmup_steps = 40 * 450_000 // 4096
     if preset != 'mae_b':
@@ -158,5 +158,6 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     if preset == 'mae_h':
       c.mesh.fsdp = 8
   else:
-    raise ValueError(f"unknown preset {preset!r}: use tiny, poster, mae_b, mae_l or mae_h")
+    raise ValueError(f'unknown preset {preset!r}: use tiny, poster, mae_ti, mae_s, mae_b, '
+                     'mae_l or mae_h')
   return c

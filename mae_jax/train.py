@@ -218,11 +218,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               num_steps=num_steps, shuffle_buffer=config.dataset.shuffle_buffer)
 
     flops_per_example = flops_lib.mae_train_flops(model)
-    peak = flops_lib.device_peak_flops(override_tflops=config.peak_tflops_per_device)
+    peak, peak_source = flops_lib.device_peak_flops(
+        override_tflops=config.peak_tflops_per_device)
     throughput = Throughput(config.batch_size, flops_per_example, peak, jax.device_count(),
                             config.total_steps)
     report(f'{flops_per_example / 1e9:.3f} GFLOP per example per training step; device peak '
-           + (f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown (no MFU; set '
+           + (f'{peak / 1e12:.3g} TFLOP/s ({peak_source})' if peak else 'unknown (no MFU; set '
               'config.peak_tflops_per_device)') + f'; {jax.device_count()} devices, mesh '
            f'{dict(mesh.shape)}; steps {start_step} -> {stop_step}.')
 
