@@ -10,10 +10,12 @@ training step.
 
 from __future__ import annotations
 
+import io
 import os
 import uuid
 
 import matplotlib.figure
+from etils import epath
 from matplotlib.backends import backend_agg
 import numpy as np
 from PIL import Image
@@ -168,6 +170,12 @@ def write_png(path: str, image: np.ndarray) -> None:
   if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
     raise ValueError(f'write_png needs (H, W), (H, W, 3) or (H, W, 4), got {image.shape}')
   path = os.fspath(path)
+  if '://' in path:
+    # Object stores (gs://) publish an object only once it is fully written: no rename needed.
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format='PNG')
+    epath.Path(path).write_bytes(buffer.getvalue())
+    return
   # Same directory so os.replace is a rename on one filesystem; a unique name so concurrent
   # writers do not clobber each other's temporary files. Plain open() keeps the umask's mode.
   tmp_path = os.path.join(os.path.dirname(path) or '.',

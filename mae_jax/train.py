@@ -262,9 +262,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def write_reconstruction(writer, workdir, step, recon_fn, params, preview) -> None:
   original, masked, recon = (np.asarray(a) for a in recon_fn(params, preview, step))
   figure = plots.reconstruction_figure(original, masked, recon)
-  plot_dir = os.path.join(workdir, 'plots')
-  os.makedirs(plot_dir, exist_ok=True)
-  plots.write_png(os.path.join(plot_dir, f'reconstruction_{step:07d}.png'), figure)
+  plot_dir = epath.Path(workdir) / 'plots'
+  plot_dir.mkdir(parents=True, exist_ok=True)
+  plots.write_png(os.fspath(plot_dir / f'reconstruction_{step:07d}.png'), figure)
   writer.write_images(step, {'reconstruction': figure[None]})
 
 
