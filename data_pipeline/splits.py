@@ -23,13 +23,14 @@ split so it can be checked by eye.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
-import uuid
 from typing import Sequence
 
 import numpy as np
 
+from data_pipeline import atomic
 from data_pipeline import schema
 
 # Banding angle per area of interest, in radians, as in the authors' split files. 0 gives stripes
@@ -272,21 +273,10 @@ def split_map_png(path: str, lon, lat, splits: Sequence[str], title: str = '',
   ax.legend(loc='best', markerscale=max(1.0, 30.0 / size) ** 0.5, fontsize=9)
   figure.tight_layout()
 
-  path = os.fspath(path)
-  # Same directory so os.replace is a rename on one filesystem; a unique name so concurrent
-  # writers do not clobber each other's temporary files.
-  tmp_path = os.path.join(os.path.dirname(path) or '.',
-                          f'.{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp')
   try:
-    with open(tmp_path, 'xb') as f:
-      canvas.print_png(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
+    buffer = io.BytesIO()
+    canvas.print_png(buffer)
+    atomic.write_bytes(path, buffer.getvalue())
   finally:
     figure.clear()
 

@@ -11,15 +11,13 @@ training step.
 from __future__ import annotations
 
 import io
-import os
-import uuid
 
 import matplotlib.figure
-from etils import epath
 from matplotlib.backends import backend_agg
 import numpy as np
 from PIL import Image
 
+from data_pipeline import atomic
 from data_pipeline import schema
 
 # Display stretch per product, in dB: (value shown as 0, value shown as 255). Values outside are
@@ -154,8 +152,8 @@ def reconstruction_figure(original_db: np.ndarray,
 def write_png(path: str, image: np.ndarray) -> None:
   """Writes a uint8 image as PNG, atomically.
 
-  The PNG goes to a temporary file next to ``path`` which then replaces ``path`` in one step, so a
-  reader (or a crash) never sees a half-written file. The directory must already exist.
+  See :func:`data_pipeline.atomic.write_bytes`: a reader never sees a half-written file. The
+  directory must already exist; ``path`` may also be a gs:// URL.
 
   Args:
     path: Destination file.
@@ -169,24 +167,6 @@ def write_png(path: str, image: np.ndarray) -> None:
     raise ValueError(f'write_png needs a uint8 image, got {image.dtype}')
   if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
     raise ValueError(f'write_png needs (H, W), (H, W, 3) or (H, W, 4), got {image.shape}')
-  path = os.fspath(path)
-  if '://' in path:
-    # Object stores (gs://) publish an object only once it is fully written: no rename needed.
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format='PNG')
-    epath.Path(path).write_bytes(buffer.getvalue())
-    return
-  # Same directory so os.replace is a rename on one filesystem; a unique name so concurrent
-  # writers do not clobber each other's temporary files. Plain open() keeps the umask's mode.
-  tmp_path = os.path.join(os.path.dirname(path) or '.',
-                          f'.{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp')
-  try:
-    with open(tmp_path, 'xb') as f:
-      Image.fromarray(np.ascontiguousarray(image)).save(f, format='PNG')
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
+  buffer = io.BytesIO()
+  Image.fromarray(np.ascontiguousarray(image)).save(buffer, format='PNG')
+  atomic.write_bytes(path, buffer.getvalue())
