@@ -5,11 +5,13 @@ r"""Builds the embedded synthetic Sentinel-1-like dataset as pre-sharded TFRecor
 
 Tiles come from :mod:`data_pipeline.synthetic` (deterministic in --seed and the tile index);
 splits use disjoint index ranges. The writer (:mod:`data_pipeline.writer`) is the one real data
-uses. The folder is complete or absent: it is built under a temporary name and renamed.
+uses: shards are written in parallel (--workers), an interrupted build resumes when run again,
+and TFDS opens the folder only once it is complete.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -31,6 +33,8 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Generator seed.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing dataset.')
 _SKIP_EXISTING = flags.DEFINE_bool('skip_existing', False,
                                    'Do nothing if a complete dataset already exists there.')
+_WORKERS = flags.DEFINE_integer('workers', os.cpu_count() or 1,
+                                'Processes writing shards in parallel.')
 
 
 def tile_example(tile: synthetic.SyntheticTile) -> dict:
@@ -39,22 +43,32 @@ def tile_example(tile: synthetic.SyntheticTile) -> dict:
           schema.TILE_ID: tile.tile_id}
 
 
-def split_ranges(train: int, validation: int, test: int) -> dict[str, tuple[int, int]]:
-  """Disjoint (start, count) tile-index ranges per split."""
-  return {'train': (0, train), 'validation': (train, validation),
-          'test': (train + validation, test)}
+def synthetic_examples(index: int, seed: int, tile_size: int) -> list[dict]:
+  """The work unit of the synthetic dataset: one tile index gives one tile."""
+  return [tile_example(synthetic.generate_tile(seed, index, tile_size))]
+
+
+def split_units(train: int, validation: int, test: int) -> dict[str, list[int]]:
+  """Disjoint tile-index ranges per split."""
+  return {'train': list(range(train)),
+          'validation': list(range(train, train + validation)),
+          'test': list(range(train + validation, train + validation + test))}
 
 
 def build(output: str, tile_size: int, train: int, validation: int, test: int, num_shards: int,
-          host_count: int = 1, seed: int = 0, overwrite: bool = False) -> schema.InputContract:
-  splits = {name: (tile_example(t) for t in synthetic.generate_tiles(seed, count, tile_size, start))
-            for name, (start, count) in split_ranges(train, validation, test).items() if count}
+          host_count: int = 1, seed: int = 0, overwrite: bool = False, workers: int = 1,
+          progress: bool = False) -> schema.InputContract:
+  units = {name: ids for name, ids in split_units(train, validation, test).items() if ids}
   contract = schema.InputContract(tile_size=tile_size,
                                   composite=schema.COMPOSITE_METHOD_SYNTHETIC)
   description = (f'Synthetic Sentinel-1-like tiles (seed {seed}, {tile_size} px) from '
                  'data_pipeline.synthetic')
-  return writer.write_dataset(output, splits, contract, num_shards=num_shards,
-                              host_count=host_count, description=description, overwrite=overwrite)
+  make_examples = functools.partial(synthetic_examples, seed=seed, tile_size=tile_size)
+  contract, _ = writer.build_dataset(output, units, make_examples, contract,
+                                     num_shards=num_shards, host_count=host_count,
+                                     workers=workers, description=description,
+                                     overwrite=overwrite, progress=progress)
+  return contract
 
 
 def main(argv):
@@ -65,7 +79,8 @@ def main(argv):
     return
   t0 = time.perf_counter()
   contract = build(output, _TILE_SIZE.value, _TRAIN.value, _VALIDATION.value, _TEST.value,
-                   _NUM_SHARDS.value, _HOST_COUNT.value, _SEED.value, _OVERWRITE.value)
+                   _NUM_SHARDS.value, _HOST_COUNT.value, _SEED.value, _OVERWRITE.value,
+                   workers=_WORKERS.value, progress=True)
   total = _TRAIN.value + _VALIDATION.value + _TEST.value
   elapsed = time.perf_counter() - t0
   print(f'Wrote {total} tiles of {_TILE_SIZE.value} px to {output} in {elapsed:.1f} s '

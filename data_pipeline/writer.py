@@ -1,33 +1,54 @@
 """Writes tiles as pre-sharded TFRecords with TFDS metadata, readable by stock TFDS.
 
-One writer for every source (the embedded synthetic dataset now, real Sentinel-1 later):
-  * each split goes to ``num_shards`` files named by TFDS's default template
-    (``<name>-<split>.tfrecord-00000-of-00008``); the shard count must be a multiple of the
-    number of reading hosts so every host reads whole files;
-  * examples are serialised by the features of ``schema.tfds_features`` (image as raw float16
-    bytes of dB values clipped to ``schema.CLIP_RANGE_DB``, NaN = no-data);
-  * per-channel mean/std of the training split (over valid pixels, of the stored float16 values)
-    go into the :class:`schema.InputContract`, saved in the TFDS metadata (``metadata.json``);
-  * the whole dataset is written into a temporary sibling folder and renamed into place at the
-    end, so a reader never finds a half-written dataset.
+One writer for every source (the embedded synthetic dataset now, real Sentinel-1 later). The
+caller gives, per split, a list of *work units* (tile indices, chip ids, scene windows...) and a
+picklable function turning one unit into zero or more examples (or :class:`Skip` records saying
+why a unit gave no tile). Then:
+  * shard ``k`` of a split of ``n`` shards holds units ``k, k + n, k + 2n, ...``, so a shard's
+    content is fixed by the units alone: shards are independent jobs, run in parallel worker
+    processes (``workers``) with a progress bar;
+  * shard files are named by TFDS's default template (``<name>-<split>.tfrecord-00000-of-00008``)
+    and the shard count must be a multiple of the number of reading hosts;
+  * examples are serialised by ``schema.tfds_features`` (image as raw float16 bytes of dB values
+    clipped to ``schema.CLIP_RANGE_DB``, NaN = no-data);
+  * a shard is written under a temporary name, renamed when complete, and then gets a small JSON
+    sidecar (its length, bytes, per-channel sums, skip counts). A shard with its sidecar is
+    done: running the build again skips it, so an interrupted build resumes where it stopped;
+  * when every shard is done, the per-channel mean/std of the training split (over valid pixels
+    of the stored float16 values) go into the :class:`schema.InputContract` in the TFDS metadata,
+    and ``dataset_info.json`` is written last: until then no TFDS reader opens the folder.
 
 Read it back with ``tfds.builder_from_directory(path)``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import json
+import multiprocessing
 import os
 import shutil
 import uuid
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from data_pipeline import atomic
 from data_pipeline import schema
 
 DATASET_NAME = 's1_tiles'
 VERSION = '1.0.0'
+BUILD_FILE = 'build.json'  # Parameters of an unfinished build, to refuse resuming another one.
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+  """Returned by a unit's example function for a unit that gives no tile, with the reason."""
+  reason: str
+
+
+ExampleFn = Callable[[Any], Iterable[Mapping[str, Any] | Skip]]
 
 
 class ChannelStatistics:
@@ -45,6 +66,23 @@ class ChannelStatistics:
     self.count += valid.sum(0)
     self.total += values.sum(0)
     self.total_sq += np.square(values).sum(0)
+
+  def merge(self, other: 'ChannelStatistics') -> None:
+    self.count += other.count
+    self.total += other.total
+    self.total_sq += other.total_sq
+
+  def to_dict(self) -> dict[str, list[float]]:
+    return {'count': self.count.tolist(), 'total': self.total.tolist(),
+            'total_sq': self.total_sq.tolist()}
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Sequence[float]]) -> 'ChannelStatistics':
+    stats = cls(len(values['count']))
+    stats.count[:] = values['count']
+    stats.total[:] = values['total']
+    stats.total_sq[:] = values['total_sq']
+    return stats
 
   def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
     if np.any(self.count == 0):
@@ -71,82 +109,180 @@ def _file_template(data_dir: str, split: str):
                                        filetype_suffix='tfrecord')
 
 
-def write_dataset(output_dir: str, splits: Mapping[str, Iterable[Mapping[str, Any]]],
-                  contract: schema.InputContract, num_shards: int = 8, host_count: int = 1,
-                  description: str = '', overwrite: bool = False) -> schema.InputContract:
-  """Writes every split of ``splits`` (name -> iterable of example dicts) under ``output_dir``.
+@dataclasses.dataclass(frozen=True)
+class _ShardJob:
+  output_dir: str
+  split: str
+  shard: int
+  num_shards: int
+  units: tuple[Any, ...]
+  contract: schema.InputContract
 
-  Example dicts carry the features of ``schema.tfds_features``; ``image`` may be float32 dB.
-  Returns the input contract with the training split's statistics filled in.
-  """
+  @property
+  def path(self) -> str:
+    return os.fspath(_file_template(self.output_dir, self.split).sharded_filepaths(
+        self.num_shards)[self.shard])
+
+  @property
+  def sidecar(self) -> str:
+    return self.path + '.json'
+
+
+def _write_shard(job: _ShardJob, make_examples: ExampleFn) -> dict[str, Any]:
+  """Writes one shard (temporary name, then rename) and its sidecar; returns the sidecar."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  features = schema.tfds_features(job.contract.tile_size, job.contract.num_channels)
+  expected = (job.contract.tile_size, job.contract.tile_size, job.contract.num_channels)
+  stats = ChannelStatistics(job.contract.num_channels)
+  skipped: dict[str, int] = {}
+  length = num_bytes = 0
+  tmp_path = f'{job.path}.incomplete-{uuid.uuid4().hex[:8]}'
+  try:
+    with tf.io.TFRecordWriter(tmp_path) as records:
+      for unit in job.units:
+        for example in make_examples(unit):
+          if isinstance(example, Skip):
+            skipped[example.reason] = skipped.get(example.reason, 0) + 1
+            continue
+          where = f'{job.split} unit {unit!r} ({example.get(schema.TILE_ID, "?")})'
+          example = dict(example)
+          if np.shape(example[schema.IMAGE]) != expected:
+            raise ValueError(f'{where}: image shape {np.shape(example[schema.IMAGE])} '
+                             f'!= {expected} (tile size, tile size, bands)')
+          example[schema.IMAGE] = quantise_image(np.asarray(example[schema.IMAGE]), where)
+          stats.update(example[schema.IMAGE])
+          record = features.serialize_example(example)
+          records.write(record)
+          length += 1
+          num_bytes += len(record)
+    if not length:
+      raise ValueError(f'{job.split} shard {job.shard}: none of its {len(job.units)} units gave '
+                       f'a tile (skipped: {skipped}); use fewer shards')
+    os.replace(tmp_path, job.path)
+  except BaseException:
+    if os.path.exists(tmp_path):
+      os.remove(tmp_path)
+    raise
+  sidecar = {'length': length, 'num_bytes': num_bytes, 'units': len(job.units),
+             'skipped': skipped, 'statistics': stats.to_dict()}
+  atomic.write_bytes(job.sidecar, json.dumps(sidecar).encode())
+  return sidecar
+
+
+def _read_sidecar(job: _ShardJob) -> dict[str, Any] | None:
+  """The sidecar of a finished shard, or None if the shard still has to be written."""
+  if not (os.path.exists(job.path) and os.path.exists(job.sidecar)):
+    return None
+  with open(job.sidecar) as f:
+    return json.load(f)
+
+
+def _build_fingerprint(units_by_split, num_shards, contract) -> dict[str, Any]:
+  """What identifies a build, in its JSON form (tuples become lists) for comparison."""
+  return json.loads(json.dumps({
+      'num_shards': num_shards, 'contract': contract.to_dict(),
+      'units': {split: [repr(u) for u in units] for split, units in units_by_split.items()}}))
+
+
+def build_dataset(output_dir: str, units_by_split: Mapping[str, Sequence[Any]],
+                  make_examples: ExampleFn, contract: schema.InputContract, *,
+                  num_shards: int = 8, host_count: int = 1, workers: int = 1,
+                  description: str = '', overwrite: bool = False,
+                  progress: bool = False) -> tuple[schema.InputContract, dict[str, Any]]:
+  """Builds (or resumes building) a dataset; returns (contract with statistics, report).
+
+  ``make_examples(unit)`` must be picklable when ``workers > 1`` (a module-level function or a
+  ``functools.partial`` of one). The report gives examples and skip counts per split.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   if num_shards % host_count:
     raise ValueError(f'num_shards {num_shards} must be a multiple of host_count {host_count} '
                      'so that every host reads whole files')
-  if 'train' not in splits:
-    raise ValueError(f"splits must include 'train' (for the statistics), got {sorted(splits)}")
+  if 'train' not in units_by_split:
+    raise ValueError(f"splits must include 'train' (for the statistics), got "
+                     f'{sorted(units_by_split)}')
+  for split, units in units_by_split.items():
+    if len(units) < num_shards:
+      raise ValueError(f'split {split!r} has {len(units)} units, fewer than its {num_shards} '
+                       'shards')
   output_dir = os.path.abspath(output_dir)
-  if os.path.exists(output_dir):
+  fingerprint = _build_fingerprint(units_by_split, num_shards, contract)
+  build_file = os.path.join(output_dir, BUILD_FILE)
+  if os.path.exists(os.path.join(output_dir, 'dataset_info.json')) or (
+      os.path.exists(output_dir) and not os.path.exists(build_file) and os.listdir(output_dir)):
     if not overwrite:
       raise FileExistsError(f'{output_dir} exists; pass overwrite=True to replace it')
-  parent = os.path.dirname(output_dir)
-  os.makedirs(parent, exist_ok=True)
-  staging = os.path.join(parent, f'.{os.path.basename(output_dir)}.incomplete-{uuid.uuid4().hex[:8]}')
-  os.makedirs(staging)
+    shutil.rmtree(output_dir)
+  if os.path.exists(build_file):
+    with open(build_file) as f:
+      if json.load(f) != fingerprint and not overwrite:
+        raise ValueError(f'{output_dir} holds an unfinished build with other units, shards or '
+                         'contract; pass overwrite=True to start again')
+      if overwrite:
+        shutil.rmtree(output_dir)
+  os.makedirs(output_dir, exist_ok=True)
+  atomic.write_bytes(build_file, json.dumps(fingerprint).encode())
+
+  jobs = [_ShardJob(output_dir, split, shard, num_shards, tuple(units[shard::num_shards]),
+                    contract)
+          for split, units in units_by_split.items() for shard in range(num_shards)]
+  sidecars = {job: _read_sidecar(job) for job in jobs}
+  todo = [job for job in jobs if sidecars[job] is None]
+  bar = None
+  if progress:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm.tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit='shard',
+                    desc=os.path.basename(output_dir))
+  if workers > 1 and len(todo) > 1:
+    # spawn, not fork: TensorFlow's threads do not survive a fork.
+    context = multiprocessing.get_context('spawn')
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+      futures = {pool.submit(_write_shard, job, make_examples): job for job in todo}
+      for future in concurrent.futures.as_completed(futures):
+        sidecars[futures[future]] = future.result()
+        if bar:
+          bar.update()
+  else:
+    for job in todo:
+      sidecars[job] = _write_shard(job, make_examples)
+      if bar:
+        bar.update()
+  if bar:
+    bar.close()
+
+  stats = ChannelStatistics(contract.num_channels)
+  split_infos, report = [], {}
+  for split in units_by_split:
+    split_sidecars = [sidecars[job] for job in jobs if job.split == split]
+    skipped: dict[str, int] = {}
+    for sidecar in split_sidecars:
+      for reason, count in sidecar['skipped'].items():
+        skipped[reason] = skipped.get(reason, 0) + count
+      if split == 'train':
+        stats.merge(ChannelStatistics.from_dict(sidecar['statistics']))
+    lengths = [s['length'] for s in split_sidecars]
+    report[split] = {'examples': sum(lengths), 'units': len(units_by_split[split]),
+                     'skipped': skipped}
+    split_infos.append(tfds.core.SplitInfo(
+        name=split, shard_lengths=lengths, num_bytes=sum(s['num_bytes'] for s in split_sidecars),
+        filename_template=_file_template(output_dir, split)))
+  mean, std = stats.mean_std()
+  contract = dataclasses.replace(contract, mean=tuple(mean), std=tuple(std))
   features = schema.tfds_features(contract.tile_size, contract.num_channels)
-  try:
-    stats = ChannelStatistics(contract.num_channels)
-    split_infos = []
-    for split, examples in splits.items():
-      template = _file_template(staging, split)
-      paths = template.sharded_filepaths(num_shards)
-      writers = [tf.io.TFRecordWriter(os.fspath(path)) for path in paths]
-      shard_lengths = [0] * num_shards
-      num_bytes = 0
-      try:
-        for index, example in enumerate(examples):
-          where = f'{split} example {index} ({example.get(schema.TILE_ID, "?")})'
-          example = dict(example)
-          expected = (contract.tile_size, contract.tile_size, contract.num_channels)
-          if np.shape(example[schema.IMAGE]) != expected:
-            raise ValueError(f'{where}: image shape {np.shape(example[schema.IMAGE])} '
-                             f'!= {expected} (tile size, tile size, bands)')
-          example[schema.IMAGE] = quantise_image(np.asarray(example[schema.IMAGE]), where)
-          if split == 'train':
-            stats.update(example[schema.IMAGE])
-          record = features.serialize_example(example)
-          shard = index % num_shards
-          writers[shard].write(record)
-          shard_lengths[shard] += 1
-          num_bytes += len(record)
-      finally:
-        for writer in writers:
-          writer.close()
-      if sum(shard_lengths) < num_shards:
-        raise ValueError(f'split {split!r} has {sum(shard_lengths)} examples, fewer than its '
-                         f'{num_shards} shards')
-      split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=shard_lengths,
-                                             num_bytes=num_bytes, filename_template=template))
-    mean, std = stats.mean_std()
-    contract = dataclasses.replace(contract, mean=tuple(mean), std=tuple(std))
-    tfds.folder_dataset.write_metadata(
-        data_dir=staging, features=features, split_infos=split_infos,
-        filename_template=_file_template(staging, 'train'), version=VERSION, check_data=False,
-        description=description or 'Sentinel-1 tiles for mae_jax',
-        metadata=tfds.core.MetadataDict(input_contract=contract.to_dict()))
-    if os.path.exists(output_dir):
-      shutil.rmtree(output_dir)
-    os.rename(staging, output_dir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-  return contract
+  tfds.folder_dataset.write_metadata(
+      data_dir=output_dir, features=features, split_infos=split_infos,
+      filename_template=_file_template(output_dir, 'train'), version=VERSION, check_data=False,
+      description=description or 'Sentinel-1 tiles for mae_jax',
+      metadata=tfds.core.MetadataDict(input_contract=contract.to_dict(), build_report=report))
+  for job in jobs:
+    os.remove(job.sidecar)
+  os.remove(build_file)
+  return contract, report
 
 
 def read_contract(data_dir: str) -> schema.InputContract:
-  """The input contract stored with a dataset written by :func:`write_dataset`."""
+  """The input contract stored with a dataset written by :func:`build_dataset`."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder_from_directory(data_dir)
   return contract_from_builder(builder, data_dir)

@@ -1,9 +1,11 @@
 """Writer and reader: stock TFDS reads the shards, statistics are right, hosts split the data."""
 
+import functools
 import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from data_pipeline import build_synthetic
@@ -73,25 +75,88 @@ def test_shard_count_must_be_a_multiple_of_hosts(tiny_dataset):
     data_input.HostDataset(tiny_dataset, 'train', process_index=0, process_count=3)
 
 
-def test_failed_write_leaves_nothing_behind(tmp_path):
-  def broken():
-    for tile in synthetic.generate_tiles(0, 3, 16):
-      yield build_synthetic.tile_example(tile)
-    raise RuntimeError('source died')
+def flaky_examples(index, fail_at, calls_dir):
+  """Synthetic 16 px tiles; fails once at ``fail_at``; records each call as a file."""
+  open(os.path.join(calls_dir, f'{index}-{len(os.listdir(calls_dir))}'), 'w').close()
+  if index == fail_at:
+    raise RuntimeError(f'source died at unit {index}')
+  return build_synthetic.synthetic_examples(index, seed=0, tile_size=16)
+
+
+def records(path):
+  return [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
+
+
+def test_interrupted_build_resumes_and_equals_a_clean_build(tmp_path):
+  units = {'train': list(range(8)), 'test': list(range(8, 12))}
+  contract = schema.InputContract(tile_size=16)
+  calls = tmp_path / 'calls'
+  calls.mkdir()
   output = tmp_path / 'ds'
-  with pytest.raises(RuntimeError, match='source died'):
-    writer.write_dataset(str(output), {'train': broken()}, schema.InputContract(tile_size=16),
-                         num_shards=2)
-  assert os.listdir(tmp_path) == []
+  # Unit 5 is in train shard 1 (units 1, 5): shard 0 finishes, shard 1 dies.
+  with pytest.raises(RuntimeError, match='source died at unit 5'):
+    writer.build_dataset(str(output), units,
+                         functools.partial(flaky_examples, fail_at=5, calls_dir=str(calls)),
+                         contract, num_shards=4)
+  names = os.listdir(output)
+  assert 'dataset_info.json' not in names
+  assert not [n for n in names if 'incomplete' in n]  # No half-written shard left.
+  assert 's1_tiles-train.tfrecord-00000-of-00004' in names
+  with pytest.raises(FileNotFoundError):
+    data_input.HostDataset(str(output), 'train')  # Not readable until complete.
+  first_calls = len(os.listdir(calls))
+  resumed, report = writer.build_dataset(
+      str(output), units, functools.partial(flaky_examples, fail_at=-1, calls_dir=str(calls)),
+      contract, num_shards=4)
+  # Shard 0 (units 0 and 4) was not rebuilt; the 10 other units were.
+  assert len(os.listdir(calls)) - first_calls == 10
+  assert report == {'train': {'examples': 8, 'units': 8, 'skipped': {}},
+                    'test': {'examples': 4, 'units': 4, 'skipped': {}}}
+  clean, _ = writer.build_dataset(
+      str(tmp_path / 'clean'), units,
+      functools.partial(flaky_examples, fail_at=-1, calls_dir=str(calls)), contract,
+      num_shards=4, workers=2)
+  assert resumed == clean
+  for name in os.listdir(tmp_path / 'clean'):
+    if 'tfrecord' in name:
+      # Protobuf map order may differ between processes: compare parsed examples, not bytes.
+      assert records(output / name) == records(tmp_path / 'clean' / name), name
+  assert sorted(os.listdir(output)) == sorted(os.listdir(tmp_path / 'clean'))
+
+
+def skipping_examples(index):
+  if index % 3 == 0:
+    return [writer.Skip('constant channel')]
+  return build_synthetic.synthetic_examples(index, seed=0, tile_size=16)
+
+
+def test_skipped_units_are_counted(tmp_path):
+  _, report = writer.build_dataset(str(tmp_path / 'ds'), {'train': list(range(9))},
+                                   skipping_examples, schema.InputContract(tile_size=16),
+                                   num_shards=2)
+  assert report['train'] == {'examples': 6, 'units': 9, 'skipped': {'constant channel': 3}}
+  builder = tfds.builder_from_directory(str(tmp_path / 'ds'))
+  assert builder.info.splits['train'].num_examples == 6
+  assert builder.info.metadata['build_report']['train']['skipped'] == {'constant channel': 3}
+
+
+def eleven_bands(index):
+  example = build_synthetic.tile_example(synthetic.generate_tile(0, index, 16))
+  example[schema.IMAGE] = example[schema.IMAGE][..., :11]
+  return [example]
 
 
 def test_wrong_band_count_is_refused_with_its_tile(tmp_path):
-  example = build_synthetic.tile_example(synthetic.generate_tile(0, 0, 16))
-  example[schema.IMAGE] = example[schema.IMAGE][..., :11]
-  with pytest.raises(ValueError, match=r'train example 0 \(syn-0-0000000\): image shape'):
-    writer.write_dataset(str(tmp_path / 'ds'), {'train': [example]},
+  with pytest.raises(ValueError, match=r'train unit 0 \(syn-0-0000000\): image shape'):
+    writer.build_dataset(str(tmp_path / 'ds'), {'train': [0]}, eleven_bands,
                          schema.InputContract(tile_size=16), num_shards=1)
-  assert os.listdir(tmp_path) == []
+  assert not [n for n in os.listdir(tmp_path / 'ds') if 'tfrecord' in n]
+
+
+def test_an_existing_dataset_is_not_overwritten_by_accident(tiny_dataset):
+  with pytest.raises(FileExistsError, match='exists; pass overwrite=True'):
+    build_synthetic.build(tiny_dataset, tile_size=TILE_SIZE, train=64, validation=16, test=16,
+                          num_shards=8)
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
