@@ -23,6 +23,7 @@ import optax
 from etils import epath
 
 from data_pipeline import input as data_input
+from data_pipeline import render
 from data_pipeline import schema
 from mae_jax import checkpoint as ckpt_lib
 from mae_jax import flops as flops_lib
@@ -264,7 +265,7 @@ def write_reconstruction(writer, workdir, step, recon_fn, params, preview) -> No
   figure = plots.reconstruction_figure(original, masked, recon)
   plot_dir = epath.Path(workdir) / 'plots'
   plot_dir.mkdir(parents=True, exist_ok=True)
-  plots.write_png(os.fspath(plot_dir / f'reconstruction_{step:07d}.png'), figure)
+  render.write_png(os.fspath(plot_dir / f'reconstruction_{step:07d}.png'), figure)
   writer.write_images(step, {'reconstruction': figure[None]})
 
 

@@ -1,9 +1,11 @@
 """Writer and reader: stock TFDS reads the shards, statistics are right, hosts split the data."""
 
+import collections
 import functools
 import os
 
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -162,3 +164,16 @@ def test_an_existing_dataset_is_not_overwritten_by_accident(tiny_dataset):
 def test_missing_dataset_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match='cannot open a TFDS dataset'):
     data_input.HostDataset(str(tmp_path / 'nowhere'), 'train')
+
+
+def test_inspect_reports_counts_ranges_and_renders_tiles(tiny_dataset, tmp_path):
+  from data_pipeline import inspect  # pylint: disable=g-import-not-at-top
+  text = inspect.inspect(tiny_dataset, sample=16, num_tiles=2, output=str(tmp_path))
+  builder = tfds.builder_from_directory(tiny_dataset)
+  regions = collections.Counter(
+      schema.REGIONS[ex[schema.REGION]] for ex in tfds.as_numpy(builder.as_dataset('train')))
+  assert '[train] 64 tiles (' + ', '.join(f'{r} {n}' for r, n in sorted(regions.items())) in text
+  assert '[test] 16 tiles' in text and 'vh_fall' in text and 'tree_cover' in text
+  sheet = np.asarray(Image.open(tmp_path / 'tiles_train.png'))
+  assert sheet.shape == (2 * TILE_SIZE + 4, 2 * TILE_SIZE + 4, 3)
+  assert (tmp_path / 'report.txt').read_text() == text

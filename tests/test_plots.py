@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from data_pipeline import render
 from data_pipeline import schema
 from mae_jax import plots
 
@@ -20,13 +21,13 @@ def _image(vv, vh, ratio, season='summer', shape=(2, 3)):
 
 
 def test_documented_ranges():
-  assert plots.DISPLAY_RANGES_DB == {'vv': (-25.0, 0.0), 'vh': (-30.0, -5.0),
+  assert render.DISPLAY_RANGES_DB == {'vv': (-25.0, 0.0), 'vh': (-30.0, -5.0),
                                      'vv_minus_vh': (0.0, 15.0)}
 
 
 def test_false_colour_hand_computed():
   # VV -12.5 of -25..0 -> 0.5; VH -25 of -30..-5 -> 0.2; VV-VH 12 of 0..15 -> 0.8.
-  rgb = plots.sar_false_colour(_image(-12.5, -25.0, 12.0))
+  rgb = render.sar_false_colour(_image(-12.5, -25.0, 12.0))
   assert rgb.shape == (2, 3, 3)
   assert rgb.dtype == np.uint8
   expected = (round(255 * 12.5 / 25), round(255 * 5 / 25), round(255 * 12 / 15))
@@ -35,18 +36,18 @@ def test_false_colour_hand_computed():
 
 
 def test_false_colour_uses_requested_season():
-  rgb = plots.sar_false_colour(_image(0.0, -30.0, 7.5, season='winter'), season='winter')
+  rgb = render.sar_false_colour(_image(0.0, -30.0, 7.5, season='winter'), season='winter')
   np.testing.assert_array_equal(rgb[0, 0], (255, 0, 128))
   # The decoy 99 dB values elsewhere are not read: summer of this tile is all 99 -> clipped 255.
-  np.testing.assert_array_equal(plots.sar_false_colour(
+  np.testing.assert_array_equal(render.sar_false_colour(
       _image(0.0, -30.0, 7.5, season='winter'), season='summer')[0, 0], (255, 255, 255))
 
 
 def test_false_colour_clips_at_range_ends():
-  low = plots.sar_false_colour(_image(-60.0, -45.0, -3.0))
-  high = plots.sar_false_colour(_image(20.0, 5.0, 40.0))
-  edge_low = plots.sar_false_colour(_image(-25.0, -30.0, 0.0))
-  edge_high = plots.sar_false_colour(_image(0.0, -5.0, 15.0))
+  low = render.sar_false_colour(_image(-60.0, -45.0, -3.0))
+  high = render.sar_false_colour(_image(20.0, 5.0, 40.0))
+  edge_low = render.sar_false_colour(_image(-25.0, -30.0, 0.0))
+  edge_high = render.sar_false_colour(_image(0.0, -5.0, 15.0))
   assert (low == 0).all() and (edge_low == 0).all()
   assert (high == 255).all() and (edge_high == 255).all()
 
@@ -56,19 +57,19 @@ def test_false_colour_nan_is_black():
   image[0, 0, schema.band_index('vh', 'summer')] = np.nan  # one shown band missing
   image[1, 2, :] = np.nan  # whole pixel missing
   image[0, 1, schema.band_index('vh', 'winter')] = np.nan  # unshown band: no effect
-  rgb = plots.sar_false_colour(image)
+  rgb = render.sar_false_colour(image)
   np.testing.assert_array_equal(rgb[0, 0], (0, 0, 0))
   np.testing.assert_array_equal(rgb[1, 2], (0, 0, 0))
   np.testing.assert_array_equal(rgb[0, 1], (128, 51, 204))
 
 
 def test_false_colour_float16_and_bad_input():
-  rgb = plots.sar_false_colour(_image(-12.5, -25.0, 12.0).astype(np.float16))
+  rgb = render.sar_false_colour(_image(-12.5, -25.0, 12.0).astype(np.float16))
   np.testing.assert_array_equal(rgb[0, 0], (128, 51, 204))
   with pytest.raises(ValueError):
-    plots.sar_false_colour(np.zeros((4, 4, 11)))
+    render.sar_false_colour(np.zeros((4, 4, 11)))
   with pytest.raises(ValueError):
-    plots.sar_false_colour(np.zeros((4, 4, 12)), season='monsoon')
+    render.sar_false_colour(np.zeros((4, 4, 12)), season='monsoon')
 
 
 def _batch(num_tiles, size=16, seed=0):
@@ -110,7 +111,7 @@ def test_write_png_round_trip_and_no_temp_file(tmp_path):
   for shape in [(5, 7, 3), (5, 7, 4), (5, 7)]:
     image = rng.integers(0, 256, shape, dtype=np.uint8)
     path = tmp_path / 'out.png'
-    plots.write_png(str(path), image)  # second and third calls overwrite
+    render.write_png(str(path), image)  # second and third calls overwrite
     with Image.open(path) as png:
       np.testing.assert_array_equal(np.asarray(png), image)
   assert os.listdir(tmp_path) == ['out.png']
@@ -118,7 +119,14 @@ def test_write_png_round_trip_and_no_temp_file(tmp_path):
 
 def test_write_png_rejects_bad_input_and_leaves_nothing(tmp_path):
   with pytest.raises(ValueError):
-    plots.write_png(str(tmp_path / 'x.png'), np.zeros((4, 4, 3), dtype=np.float32))
+    render.write_png(str(tmp_path / 'x.png'), np.zeros((4, 4, 3), dtype=np.float32))
   with pytest.raises(ValueError):
-    plots.write_png(str(tmp_path / 'x.png'), np.zeros((4, 4, 2), dtype=np.uint8))
+    render.write_png(str(tmp_path / 'x.png'), np.zeros((4, 4, 2), dtype=np.uint8))
   assert not os.listdir(tmp_path)
+
+
+def test_worldcover_colours_are_esas_and_no_data_is_black():
+  labels = np.array([[0, 7], [10, schema.IGNORE_INDEX]], np.uint8)
+  rgb = render.worldcover_colour(labels)
+  np.testing.assert_array_equal(rgb, [[[0, 100, 0], [0, 100, 200]],
+                                      [[250, 230, 160], [0, 0, 0]]])
