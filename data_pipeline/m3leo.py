@@ -173,8 +173,10 @@ def constant_channels(image) -> np.ndarray:
   """Indices of the channels of an (H, W, C) image that hold a single value.
 
   The authors skip a tile when any channel is constant (per-channel std < 1e-7 after their
-  normalisation); for uint8-derived data that is exact constancy, which is tested here. NaNs are
-  ignored; an all-NaN channel counts as constant.
+  normalisation); for uint8-derived data that is exact constancy, which is tested here: a season
+  Earth Engine filled with 0 is such a channel. NaNs are ignored, and an all-NaN channel (a
+  season without acquisitions in mae_jax's own composites) is no-data, not constant: the model
+  leaves no-data out of its loss, so such tiles are kept.
 
   Args:
     image: Array (H, W, C), e.g. from :func:`read_s1_chip`.
@@ -191,7 +193,7 @@ def constant_channels(image) -> np.ndarray:
     return np.arange(image.shape[-1], dtype=np.int64)
   high = np.where(finite, flat, -np.inf).max(axis=0)
   low = np.where(finite, flat, np.inf).min(axis=0)
-  return np.flatnonzero(~(high > low)).astype(np.int64)
+  return np.flatnonzero(finite.any(axis=0) & ~(high > low)).astype(np.int64)
 
 
 # --- Chips -----------------------------------------------------------------------------------

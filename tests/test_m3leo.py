@@ -210,8 +210,11 @@ def test_constant_channels(tmp_path):
   image = m3leo.read_s1_chip(_write_and(tmp_path, 'gap', bands))
   # VH summer is channel 10; VV-VH summer (2) still varies because VV does.
   assert m3leo.constant_channels(image).tolist() == [10]
-  image[..., 3] = np.nan
-  assert m3leo.constant_channels(image).tolist() == [3, 10]
+  image[..., 3] = np.nan  # No data at all is not a constant channel.
+  assert m3leo.constant_channels(image).tolist() == [10]
+  image[1:, :, 4] = np.nan
+  image[0, :, 4] = 7.0  # One finite value: constant.
+  assert m3leo.constant_channels(image).tolist() == [4, 10]
   with pytest.raises(ValueError):
     m3leo.constant_channels(image[..., 0])
 
