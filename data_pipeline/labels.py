@@ -175,7 +175,7 @@ def vcf_tile_mean(source, tile_bounds: Sequence[float], tile_crs,
     raise ValueError(f'min_valid_fraction must lie in [0, 1], got {min_valid_fraction}')
   if isinstance(subgrid, bool) or not isinstance(subgrid, (int, np.integer)) or subgrid < 1:
     raise ValueError(f'subgrid must be a positive integer, got {subgrid!r}')
-  tile_bounds = _check_bounds(tile_bounds)
+  tile_bounds = check_bounds(tile_bounds, 'tile_bounds')
   tile_crs = rasterio.crs.CRS.from_user_input(tile_crs)
 
   if isinstance(source, (tuple, list)):
@@ -400,16 +400,17 @@ def worldcover_tile(path, tile_transform: Affine, tile_crs, tile_shape: Sequence
 # --- Helpers ---------------------------------------------------------------------------------
 
 
-def _check_bounds(bounds) -> tuple[float, float, float, float]:
-  """(left, bottom, right, top) as floats with left < right and bottom < top."""
+def check_bounds(bounds, what: str = 'bounds', hint: str = '') -> tuple[float, float, float, float]:
+  """(left, bottom, right, top) as finite floats with left < right and bottom < top."""
   try:
     left, bottom, right, top = (float(v) for v in bounds)
   except (TypeError, ValueError):
-    raise ValueError(f'tile_bounds must be (left, bottom, right, top), got {bounds!r}') from None
+    raise ValueError(f'{what} must be (left, bottom, right, top), got {bounds!r}') from None
   if not all(math.isfinite(v) for v in (left, bottom, right, top)):
-    raise ValueError(f'tile_bounds must be finite, got {bounds!r}')
+    raise ValueError(f'{what} must be finite, got {bounds!r}')
   if not (left < right and bottom < top):
-    raise ValueError(f'tile_bounds must have left < right and bottom < top, got {bounds!r}')
+    raise ValueError(f'{what} must have left < right and bottom < top, got {bounds!r}'
+                     + (f' {hint}' if hint else ''))
   return left, bottom, right, top
 
 

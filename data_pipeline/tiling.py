@@ -157,7 +157,8 @@ def grid_for_bounds(bounds: Sequence[float], bounds_crs, pixel_size: float = DEF
   Raises:
     ValueError: Bad bounds, sizes, or a CRS that is not projected in metres.
   """
-  left, bottom, right, top = _check_bounds(bounds, 'bounds')
+  left, bottom, right, top = labels.check_bounds(
+      bounds, 'bounds', hint='(split areas that cross the antimeridian)')
   pixel_size = float(pixel_size)
   if not (math.isfinite(pixel_size) and pixel_size > 0):
     raise ValueError(f'pixel_size must be positive, got {pixel_size}')
@@ -549,20 +550,6 @@ def filter_tiles(specs_and_images: Iterable[tuple[TileSpec, np.ndarray]],
 
 
 # --- Helpers -----------------------------------------------------------------------------------
-
-
-def _check_bounds(bounds, what: str) -> tuple[float, float, float, float]:
-  """(left, bottom, right, top) as finite floats with left < right and bottom < top."""
-  try:
-    left, bottom, right, top = (float(v) for v in bounds)
-  except (TypeError, ValueError):
-    raise ValueError(f'{what} must be (left, bottom, right, top), got {bounds!r}') from None
-  if not all(math.isfinite(v) for v in (left, bottom, right, top)):
-    raise ValueError(f'{what} must be finite, got {bounds!r}')
-  if not (left < right and bottom < top):
-    raise ValueError(f'{what} must have left < right and bottom < top, got {bounds!r} '
-                     '(split areas that cross the antimeridian)')
-  return left, bottom, right, top
 
 
 def _check_tile_size(tile_size) -> int:
