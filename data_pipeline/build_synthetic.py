@@ -33,8 +33,9 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Generator seed.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing dataset.')
 _SKIP_EXISTING = flags.DEFINE_bool('skip_existing', False,
                                    'Do nothing if a complete dataset already exists there.')
-_WORKERS = flags.DEFINE_integer('workers', os.cpu_count() or 1,
-                                'Processes writing shards in parallel.')
+_WORKERS = flags.DEFINE_integer(
+    'workers', 1, 'Processes writing shards in parallel. Each worker starts TensorFlow (~5 s), '
+    'so more than 1 pays off only for builds of minutes (e.g. thousands of 448 px tiles).')
 
 
 def tile_example(tile: synthetic.SyntheticTile) -> dict:
