@@ -1,0 +1,1 @@
+"""Dataset-building configs for data_pipeline.build."""
