@@ -25,7 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import configs.pretrain as pretrain_configs
