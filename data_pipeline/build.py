@@ -1,100 +1,65 @@
 r"""Builds a pre-sharded TFDS dataset of 12-channel tiles from real Sentinel-1 data.
 
-  python -m data_pipeline.build --config configs/data/m3leo.py --output DIR [--config.x=y]
+  python -m data_pipeline.build --config configs/data/<source>.py --output DIR [--config.x=y]
 
-Source implemented so far: ``m3leo``, the poster authors' released chips (``m3leo.ChipSet``):
-each chip becomes one tile with its WorldCover label map and VCF target, in the split the
-authors' CSV gives it (chips missing from the CSV, or without an S1 file, are counted and left
-out). Chips with a
-constant channel are skipped and counted, as the authors did. The writer is the one the
-embedded dataset uses (``data_pipeline.writer``): parallel shard jobs, resumable, TFDS metadata
-with the input contract and a build report.
+``config.source`` picks the input (``data_pipeline/sources/``):
+
+* ``m3leo`` (``configs/data/m3leo.py``): the poster authors' released chips;
+* ``geotiff`` (``configs/data/geotiff.py``): GeoTIFFs per acquisition, or ready composites;
+* ``earth_engine`` (``configs/data/earth_engine.py``): Earth Engine TFRecord patch exports.
+
+The source plans the tiles, their files and splits before reading a pixel; the writer
+(``data_pipeline.writer``, the one the embedded dataset uses) then runs one job per shard, in
+parallel worker processes, resumably. Afterwards ``split_map.png`` in the output folder
+shows every planned tile's centre coloured by split (including tiles later skipped for too little
+valid data). Bad input stops the build with an error naming the
+file; finished shards stay for a resume and no TFDS metadata is written, so no reader ever opens
+a half-built dataset.
 """
 
 from __future__ import annotations
 
-import functools
+import importlib
 import os
 import time
 
 from absl import app
 from absl import flags
 from absl import logging
-import numpy as np
 from ml_collections import config_flags
 
-from data_pipeline import m3leo
 from data_pipeline import schema
+from data_pipeline import splits
 from data_pipeline import writer
 
-COMPOSITE_M3LEO = ('Earth Engine COPERNICUS/S1_GRD seasonal medians of dB (2020), stored by the '
-                   'authors as uint8 = 255 (dB + 30) / 30; decoded to dB here')
+SOURCES = ('m3leo', 'geotiff', 'earth_engine')
+SPLIT_MAP = 'split_map.png'
 
 
-@functools.lru_cache(maxsize=None)
-def _chip_set(aoi_dir: str) -> m3leo.ChipSet:
-  return m3leo.ChipSet(aoi_dir)
-
-
-def m3leo_examples(unit: tuple[str, str, str], passes: str, tile_size: int, vcf_band: str,
-                   vcf_min_valid_fraction: float) -> list:
-  """One chip (area folder, region, id) -> one tile example, or a Skip with the reason."""
-  aoi_dir, region, identifier = unit
-  chips = _chip_set(aoi_dir)
-  image = chips.read_s1(identifier, passes)
-  if image.shape[:2] != (tile_size, tile_size):
-    raise ValueError(f'{chips.chip_path(identifier, m3leo.S1_DATASET)}: chip is '
-                     f'{image.shape[0]} x {image.shape[1]} px, config.tile_size is {tile_size}')
-  if m3leo.constant_channels(image).size:
-    return [writer.Skip('constant channel')]
-  if chips.available(m3leo.WORLDCOVER_DATASET, [identifier]):
-    worldcover = chips.worldcover(identifier, tile_size)
-  else:
-    worldcover = np.full((tile_size, tile_size), schema.IGNORE_INDEX, np.uint8)
-  vcf = schema.VCF_MISSING
-  if chips.available(m3leo.VCF_DATASET, [identifier]):
-    vcf = chips.vcf_target(identifier, band=vcf_band, min_valid_fraction=vcf_min_valid_fraction)
-  chip = chips[identifier]
-  return [{schema.IMAGE: image, schema.WORLDCOVER: worldcover, schema.VCF: np.float32(vcf),
-           schema.LAT: chip.lat, schema.LON: chip.lon, schema.REGION: region,
-           schema.TILE_ID: identifier}]
-
-
-def m3leo_units(config) -> tuple[dict[str, list], dict[str, dict[str, int]]]:
-  """Work units per split, and per area the chips left out (not in the CSV, no S1 file)."""
-  units = {split: [] for split in schema.SPLITS}
-  left_out = {}
-  for area in config.areas:
-    if area.region not in schema.REGIONS:
-      raise ValueError(f'config.areas: region {area.region!r} is not one of {schema.REGIONS}')
-    chips = m3leo.ChipSet(area.dir)
-    missing = 0
-    for split in schema.SPLITS:
-      listed = chips.identifiers(split)
-      present = chips.available(m3leo.S1_DATASET, listed)
-      missing += len(listed) - len(present)
-      units[split].extend((os.path.abspath(area.dir), area.region, identifier)
-                          for identifier in present)
-    left_out[area.dir] = {'not_in_split_csv': sum(chip.split is None for chip in chips),
-                          'no_s1_file': missing}
-  return {split: ids for split, ids in units.items() if ids}, left_out
+def plan(config):
+  """The source's :class:`data_pipeline.sources.common.Plan` for ``config``."""
+  if config.source not in SOURCES:
+    raise ValueError(f'config.source {config.source!r} is not one of {SOURCES}')
+  module = importlib.import_module(f'data_pipeline.sources.{config.source}')
+  return module.plan(config)
 
 
 def build(config, output: str, overwrite: bool = False, progress: bool = False):
-  """Builds the dataset of ``config``; returns (contract, report)."""
-  if config.source != 'm3leo':
-    raise ValueError(f'config.source {config.source!r}: only m3leo is implemented so far')
-  units, left_out = m3leo_units(config)
-  make_examples = functools.partial(
-      m3leo_examples, passes=config.passes, tile_size=config.tile_size,
-      vcf_band=config.vcf_band, vcf_min_valid_fraction=config.vcf_min_valid_fraction)
-  contract = schema.InputContract(tile_size=config.tile_size, composite=COMPOSITE_M3LEO)
+  """Builds the dataset of ``config`` into ``output``; returns (contract, report)."""
+  build_plan = plan(config)
+  if not build_plan.units:
+    raise ValueError(f'config gives no tiles at all (left out: {build_plan.left_out})')
   contract, report = writer.build_dataset(
-      output, units, make_examples, contract, num_shards=config.num_shards,
-      host_count=config.host_count, workers=config.workers, overwrite=overwrite,
-      progress=progress, description=f'Sentinel-1 tiles from the authors\' chips: '
-      f'{", ".join(a.dir for a in config.areas)} ({config.passes} passes)')
-  report['left_out'] = left_out
+      output, build_plan.units, build_plan.make_examples, build_plan.contract,
+      num_shards=config.num_shards, host_count=config.host_count, workers=config.workers,
+      overwrite=overwrite, progress=progress, description=build_plan.description,
+      statistics_by_region=config.get('statistics_by_region', False))
+  report['left_out'] = build_plan.left_out
+  lon = [v for split in schema.SPLITS for v in build_plan.centres.get(split, ([], []))[0]]
+  lat = [v for split in schema.SPLITS for v in build_plan.centres.get(split, ([], []))[1]]
+  names = [split for split in schema.SPLITS for _ in build_plan.centres.get(split, ([], []))[0]]
+  splits.split_map_png(os.path.join(output, SPLIT_MAP), lon, lat, names,
+                       title=f'{os.path.basename(os.path.abspath(output))}: tiles by split')
   return contract, report
 
 

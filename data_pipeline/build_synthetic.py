@@ -41,7 +41,8 @@ _WORKERS = flags.DEFINE_integer(
 def tile_example(tile: synthetic.SyntheticTile) -> dict:
   return {schema.IMAGE: tile.image, schema.WORLDCOVER: tile.worldcover, schema.VCF: tile.vcf,
           schema.LAT: tile.lat, schema.LON: tile.lon, schema.REGION: tile.region,
-          schema.TILE_ID: tile.tile_id}
+          schema.TILE_ID: tile.tile_id, **schema.NOT_GEOREFERENCED,
+          schema.SOURCES: f'synthetic:{tile.tile_id}'}
 
 
 def synthetic_examples(index: int, seed: int, tile_size: int) -> list[dict]:

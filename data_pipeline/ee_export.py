@@ -300,54 +300,120 @@ def _iter_patches(prefix: str, files: list[str], mixer: Mixer, mixer_file: str,
                   sources: list[str], outputs: tuple[str, ...], margin: int,
                   nodata: float | None, compression: str, keep_margin: bool) -> Iterator[Patch]:
   """The generator behind :func:`read_patches`."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  full_height = mixer.patch_height + 2 * margin
-  full_width = mixer.patch_width + 2 * margin
-  parse = _parse_fn(sources, full_height, full_width, margin if not keep_margin else 0, nodata)
+  parse = _parse_fn(sources, mixer.patch_height + 2 * margin, mixer.patch_width + 2 * margin,
+                    margin if not keep_margin else 0, nodata)
   index = 0
   for file in files:
-    file_compression = _file_compression(file, compression)
-    records = tf.data.TFRecordDataset(file, compression_type=file_compression)
-    dataset = records.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    iterator = iter(dataset.prefetch(2))
-    record = 0
-    # Bytes of the decompressed stream consumed so far: each record is its payload plus 16 bytes
-    # of framing (length, length CRC, payload CRC). Checked against the gzip trailer below.
-    stream_bytes = 0
-    while True:
-      where = f'{file}: record {record} (patch {index})'
-      try:
-        data, num_bytes = next(iterator)
-      except StopIteration:
-        break
-      except tf.errors.DataLossError as err:
-        kind = 'a GZIP' if file_compression == 'GZIP' else 'an uncompressed'
-        raise ExportError(f'{where} could not be read as {kind} TFRecord file (truncated, '
-                          f'corrupt, or compressed otherwise): {_tf_message(err)}') from err
-      except (tf.errors.InvalidArgumentError, UnicodeDecodeError) as err:
-        # UnicodeDecodeError: TensorFlow quotes the bad record in its message and then fails to
-        # decode that message when the record is binary garbage.
-        raise ExportError(_diagnose(where, file, file_compression, record, sources,
-                                    full_height, full_width, margin, err)) from err
-      except tf.errors.OpError as err:
-        raise ExportError(f'{where} could not be read ({_tf_message(err)})') from err
-      if index >= mixer.total_patches:
-        raise ExportError(f'{where}: more records than the {mixer.total_patches} patches '
-                          f'(totalPatches) of the mixer {mixer_file}')
-      row, col = divmod(index, mixer.patches_per_row)
-      yield Patch(index=index, row=row, col=col, data=data.numpy(),
-                  transform=mixer.patch_transform(index, margin if keep_margin else 0),
-                  crs=mixer.crs, band_names=outputs)
-      stream_bytes += int(num_bytes) + 16
-      record += 1
-      index += 1
-    if file_compression == 'GZIP':
-      _check_gzip_complete(file, record, stream_bytes)
+    index = yield from _iter_file(file, mixer, mixer_file, parse, index, sources, outputs,
+                                  margin, keep_margin, compression)
   if index < mixer.total_patches:
     raise ExportError(f'{prefix}: the {len(files)} shard(s) hold {index} patches but the mixer '
                       f'{mixer_file} says totalPatches = {mixer.total_patches}: a shard is '
                       'missing or incomplete')
+
+
+def read_shard(file: str | os.PathLike, mixer: Mixer, first_index: int,
+               band_names: Mapping[str, str] | Sequence[str], kernel_size: int = 1,
+               nodata: float | None = 0.0, compression: str = 'auto',
+               records: Sequence[int] | None = None) -> Iterator[Patch]:
+  """The patches of ONE shard whose first record is patch ``first_index`` (see
+  :func:`count_records` for the counts that give it), optionally only some records.
+
+  For parallel ingestion: each shard is read by its own job. Arguments as :func:`read_patches`;
+  ``records`` lists the record indices (within the shard) to decode, the others are read but not
+  parsed. Without ``records`` a GZIP shard is also checked for completeness.
+  """
+  file = os.fspath(file)
+  sources, outputs = _band_mapping(band_names)
+  margin = int(kernel_size) // 2
+  parse = _parse_fn(list(sources), mixer.patch_height + 2 * margin,
+                    mixer.patch_width + 2 * margin, margin, nodata)
+  return _iter_file(file, mixer, file, parse, int(first_index), list(sources), outputs, margin,
+                    False, compression, records)
+
+
+def count_records(file: str | os.PathLike, compression: str = 'auto') -> int:
+  """Number of records in one shard, read (decompressed) but not parsed.
+
+  Raises:
+    ExportError: Naming the file and the record, for a truncated or corrupt shard (including a
+      GZIP stream cut at a record boundary, see :func:`_check_gzip_complete`).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  file = os.fspath(file)
+  file_compression = _file_compression(file, compression)
+  lengths = tf.data.TFRecordDataset(file, compression_type=file_compression).map(
+      lambda record: tf.strings.length(record, unit='BYTE')).batch(1024)
+  count = stream_bytes = 0
+  try:
+    for batch in lengths:
+      count += int(batch.shape[0])
+      stream_bytes += int(tf.reduce_sum(batch)) + 16 * int(batch.shape[0])
+  except tf.errors.DataLossError as err:
+    kind = 'a GZIP' if file_compression == 'GZIP' else 'an uncompressed'
+    raise ExportError(f'{file}: after record {count} the file could not be read as {kind} '
+                      f'TFRecord file (truncated, corrupt, or compressed otherwise): '
+                      f'{_tf_message(err)}') from err
+  except tf.errors.OpError as err:
+    raise ExportError(f'{file}: could not be read ({_tf_message(err)})') from err
+  if file_compression == 'GZIP':
+    _check_gzip_complete(file, count, stream_bytes)
+  return count
+
+
+def _iter_file(file: str, mixer: Mixer, mixer_file: str, parse, first_index: int,
+               sources: list[str], outputs: tuple[str, ...], margin: int, keep_margin: bool,
+               compression: str, records: Sequence[int] | None = None):
+  """Yields the patches of one shard; returns the patch index after its last record."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  file_compression = _file_compression(file, compression)
+  dataset = tf.data.TFRecordDataset(file, compression_type=file_compression).enumerate()
+  if records is not None:
+    wanted = tf.constant(sorted(set(int(r) for r in records)), tf.int64)
+    dataset = dataset.filter(lambda i, _: tf.reduce_any(tf.equal(i, wanted)))
+  dataset = dataset.map(lambda i, serialized: (i, parse(serialized)),
+                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  iterator = iter(dataset.prefetch(2))
+  record = 0  # index of the next record (of the whole shard) expected
+  # Bytes of the decompressed stream consumed so far: each record is its payload plus 16 bytes
+  # of framing (length, length CRC, payload CRC). Checked against the gzip trailer below.
+  stream_bytes = 0
+  while True:
+    where = f'{file}: record {record} (patch {first_index + record})'
+    try:
+      position, (data, num_bytes) = next(iterator)
+    except StopIteration:
+      break
+    except tf.errors.DataLossError as err:
+      kind = 'a GZIP' if file_compression == 'GZIP' else 'an uncompressed'
+      raise ExportError(f'{where} could not be read as {kind} TFRecord file (truncated, '
+                        f'corrupt, or compressed otherwise): {_tf_message(err)}') from err
+    except (tf.errors.InvalidArgumentError, UnicodeDecodeError) as err:
+      # UnicodeDecodeError: TensorFlow quotes the bad record in its message and then fails to
+      # decode that message when the record is binary garbage. The failing record is the next
+      # wanted one, which is `record` only when every record is read.
+      at = record if records is None else None
+      raise ExportError(_diagnose(where if at is not None else f'{file}: a selected record',
+                                  file, file_compression, at if at is not None else record,
+                                  sources, mixer.patch_height + 2 * margin,
+                                  mixer.patch_width + 2 * margin, margin, err)) from err
+    except tf.errors.OpError as err:
+      raise ExportError(f'{where} could not be read ({_tf_message(err)})') from err
+    record = int(position)
+    index = first_index + record
+    if index >= mixer.total_patches:
+      raise ExportError(f'{file}: record {record} (patch {index}): more records than the '
+                        f'{mixer.total_patches} patches (totalPatches) of the mixer {mixer_file}')
+    row, col = divmod(index, mixer.patches_per_row)
+    yield Patch(index=index, row=row, col=col, data=data.numpy(),
+                transform=mixer.patch_transform(index, margin if keep_margin else 0),
+                crs=mixer.crs, band_names=outputs)
+    stream_bytes += int(num_bytes) + 16
+    record += 1
+  if records is None and file_compression == 'GZIP':
+    _check_gzip_complete(file, record, stream_bytes)
+  return first_index + record
 
 
 def _parse_fn(sources: list[str], height: int, width: int, crop: int, nodata: float | None):

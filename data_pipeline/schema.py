@@ -92,6 +92,20 @@ LAT = 'lat'
 LON = 'lon'
 REGION = 'region'
 TILE_ID = 'tile_id'
+# Where the tile lies and what it was made from, so any tile can be traced back and put on a map.
+CRS = 'crs'  # e.g. 'EPSG:32633'; '' for tiles that are not georeferenced (the embedded dataset)
+TRANSFORM = 'transform'  # affine (a, b, c, d, e, f) of the tile's grid, pixel -> CRS; NaN if none
+SOURCES = 'sources'  # the files the tile was read from, one path per line
+NOT_GEOREFERENCED = {CRS: '', TRANSFORM: (float('nan'),) * 6}
+
+
+def join_sources(paths) -> str:
+  """The value of the SOURCES feature for a list of file paths."""
+  paths = [str(p) for p in paths]
+  bad = [p for p in paths if '\n' in p]
+  if bad:
+    raise ValueError(f'source paths cannot contain newlines: {bad}')
+  return '\n'.join(paths)
 
 
 def tfds_features(tile_size: int, num_channels: int = NUM_CHANNELS):
@@ -110,6 +124,9 @@ def tfds_features(tile_size: int, num_channels: int = NUM_CHANNELS):
       LON: tensor(shape=(), dtype=tf.float32),
       REGION: tfds.features.ClassLabel(names=REGIONS),
       TILE_ID: tfds.features.Text(),
+      CRS: tfds.features.Text(),
+      TRANSFORM: tensor(shape=(6,), dtype=tf.float64),
+      SOURCES: tfds.features.Text(),
   })
 
 

@@ -308,6 +308,33 @@ def tiles(grid: TileGrid, tile_size: int = DEFAULT_TILE_SIZE, *,
   return specs
 
 
+def tile_for(transform: Affine, crs, tile_size: int, *, row: int = 0, col: int = 0,
+             region: str | None = None) -> TileSpec:
+  """The :class:`TileSpec` of one square tile given by its own transform (e.g. an exported patch).
+
+  Its id is built as in :func:`tiles`, so a tile on the same lattice gets the same id whichever
+  way it was cut.
+
+  Raises:
+    ValueError: A CRS without an EPSG code.
+  """
+  tile_size = _check_tile_size(tile_size)
+  crs = rasterio.crs.CRS.from_user_input(crs)
+  epsg = crs.to_epsg()
+  if epsg is None:
+    raise ValueError(f'tile ids need a CRS with an EPSG code, got {crs.to_string()}')
+  xs, ys = zip(*(transform * corner for corner in
+                 ((0, 0), (tile_size, 0), (0, tile_size), (tile_size, tile_size))))
+  centre = transform * (tile_size / 2, tile_size / 2)
+  lons, lats = rasterio.warp.transform(crs, WGS84, [centre[0]], [centre[1]])
+  return TileSpec(row=row, col=col, transform=transform, crs=crs,
+                  bounds=rasterio.coords.BoundingBox(min(xs), min(ys), max(xs), max(ys)),
+                  width=tile_size, height=tile_size,
+                  centre_lonlat=(float(lons[0]), float(lats[0])),
+                  tile_id=f'{epsg}_{_coord_id(transform.c)}_{_coord_id(transform.f)}',
+                  region=region)
+
+
 def _coord_id(value: float) -> str:
   """A coordinate for a tile id: an integer on metre lattices, else 3 decimals with 'p'."""
   if float(value).is_integer():

@@ -84,10 +84,19 @@ class ChannelStatistics:
     stats.total_sq[:] = values['total_sq']
     return stats
 
-  def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+  def mean_std(self, allow_empty: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std; channels without a valid value raise, or are NaN if allowed."""
+    if allow_empty:
+      with np.errstate(invalid='ignore', divide='ignore'):
+        mean = np.where(self.count > 0, self.total / np.maximum(self.count, 1), np.nan)
+        var = np.maximum(self.total_sq / np.maximum(self.count, 1) - mean**2, 0.0)
+      return mean, np.where(self.count > 0, np.sqrt(var), np.nan)
     if np.any(self.count == 0):
       empty = np.flatnonzero(self.count == 0).tolist()
-      raise ValueError(f'no valid training pixels in channels {empty}: cannot compute statistics')
+      raise ValueError(f'no valid training pixel in channels {empty} (of the band order in '
+                       'data_pipeline.schema.BAND_NAMES): cannot compute the normalisation '
+                       'statistics; a season without any acquisition in the whole training '
+                       'split needs more data (or another composite year)')
     mean = self.total / self.count
     var = np.maximum(self.total_sq / self.count - mean**2, 0.0)
     return mean, np.sqrt(var)
@@ -134,6 +143,7 @@ def _write_shard(job: _ShardJob, make_examples: ExampleFn) -> dict[str, Any]:
   features = schema.tfds_features(job.contract.tile_size, job.contract.num_channels)
   expected = (job.contract.tile_size, job.contract.tile_size, job.contract.num_channels)
   stats = ChannelStatistics(job.contract.num_channels)
+  region_stats: dict[str, ChannelStatistics] = {}
   skipped: dict[str, int] = {}
   length = num_bytes = 0
   tmp_path = f'{job.path}.incomplete-{uuid.uuid4().hex[:8]}'
@@ -150,7 +160,13 @@ def _write_shard(job: _ShardJob, make_examples: ExampleFn) -> dict[str, Any]:
             raise ValueError(f'{where}: image shape {np.shape(example[schema.IMAGE])} '
                              f'!= {expected} (tile size, tile size, bands)')
           example[schema.IMAGE] = quantise_image(np.asarray(example[schema.IMAGE]), where)
-          stats.update(example[schema.IMAGE])
+          tile_stats = ChannelStatistics(job.contract.num_channels)
+          tile_stats.update(example[schema.IMAGE])
+          stats.merge(tile_stats)
+          region = example[schema.REGION]
+          region = schema.REGIONS[region] if isinstance(region, (int, np.integer)) else region
+          region_stats.setdefault(str(region), ChannelStatistics(
+              job.contract.num_channels)).merge(tile_stats)
           record = features.serialize_example(example)
           records.write(record)
           length += 1
@@ -164,7 +180,8 @@ def _write_shard(job: _ShardJob, make_examples: ExampleFn) -> dict[str, Any]:
       os.remove(tmp_path)
     raise
   sidecar = {'length': length, 'num_bytes': num_bytes, 'units': len(job.units),
-             'skipped': skipped, 'statistics': stats.to_dict()}
+             'skipped': skipped, 'statistics': stats.to_dict(),
+             'statistics_by_region': {r: v.to_dict() for r, v in region_stats.items()}}
   atomic.write_bytes(job.sidecar, json.dumps(sidecar).encode())
   return sidecar
 
@@ -187,12 +204,15 @@ def _build_fingerprint(units_by_split, num_shards, contract) -> dict[str, Any]:
 def build_dataset(output_dir: str, units_by_split: Mapping[str, Sequence[Any]],
                   make_examples: ExampleFn, contract: schema.InputContract, *,
                   num_shards: int = 8, host_count: int = 1, workers: int = 1,
-                  description: str = '', overwrite: bool = False,
-                  progress: bool = False) -> tuple[schema.InputContract, dict[str, Any]]:
+                  description: str = '', overwrite: bool = False, progress: bool = False,
+                  statistics_by_region: bool = False,
+                  ) -> tuple[schema.InputContract, dict[str, Any]]:
   """Builds (or resumes building) a dataset; returns (contract with statistics, report).
 
   ``make_examples(unit)`` must be picklable when ``workers > 1`` (a module-level function or a
-  ``functools.partial`` of one). The report gives examples and skip counts per split.
+  ``functools.partial`` of one). The report gives examples and skip counts per split. With
+  ``statistics_by_region`` the training split's per-channel mean / std of each region also go
+  into the metadata (``statistics_by_region``) and the report, for per-area normalisation.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -252,6 +272,7 @@ def build_dataset(output_dir: str, units_by_split: Mapping[str, Sequence[Any]],
     bar.close()
 
   stats = ChannelStatistics(contract.num_channels)
+  region_stats: dict[str, ChannelStatistics] = {}
   split_infos, report = [], {}
   for split in units_by_split:
     split_sidecars = [sidecars[job] for job in jobs if job.split == split]
@@ -261,6 +282,9 @@ def build_dataset(output_dir: str, units_by_split: Mapping[str, Sequence[Any]],
         skipped[reason] = skipped.get(reason, 0) + count
       if split == 'train':
         stats.merge(ChannelStatistics.from_dict(sidecar['statistics']))
+        for region, values in sidecar['statistics_by_region'].items():
+          region_stats.setdefault(region, ChannelStatistics(contract.num_channels)).merge(
+              ChannelStatistics.from_dict(values))
     lengths = [s['length'] for s in split_sidecars]
     report[split] = {'examples': sum(lengths), 'units': len(units_by_split[split]),
                      'skipped': skipped}
@@ -269,12 +293,22 @@ def build_dataset(output_dir: str, units_by_split: Mapping[str, Sequence[Any]],
         filename_template=_file_template(output_dir, split)))
   mean, std = stats.mean_std()
   contract = dataclasses.replace(contract, mean=tuple(mean), std=tuple(std))
+  metadata = {'input_contract': contract.to_dict(), 'build_report': report}
+  if statistics_by_region:
+    by_region = {}
+    for region, values in sorted(region_stats.items()):
+      mean, std = values.mean_std(allow_empty=True)
+      # JSON has no NaN: a channel without valid values in a region is null.
+      by_region[region] = {'mean': [v if np.isfinite(v) else None for v in mean.tolist()],
+                           'std': [v if np.isfinite(v) else None for v in std.tolist()],
+                           'valid_values': values.count.tolist()}
+    metadata['statistics_by_region'] = report['statistics_by_region'] = by_region
   features = schema.tfds_features(contract.tile_size, contract.num_channels)
   tfds.folder_dataset.write_metadata(
       data_dir=output_dir, features=features, split_infos=split_infos,
       filename_template=_file_template(output_dir, 'train'), version=VERSION, check_data=False,
       description=description or 'Sentinel-1 tiles for mae_jax',
-      metadata=tfds.core.MetadataDict(input_contract=contract.to_dict(), build_report=report))
+      metadata=tfds.core.MetadataDict(**metadata))
   for job in jobs:
     os.remove(job.sidecar)
   os.remove(build_file)

@@ -14,6 +14,7 @@ import configs.data.m3leo as m3leo_config
 from data_pipeline import build
 from data_pipeline import m3leo
 from data_pipeline import schema
+from data_pipeline.sources import m3leo as m3leo_source
 from tests.test_m3leo import CHIPS, SIZE, _build_area
 
 
@@ -52,7 +53,7 @@ def test_authors_chips_become_a_tfds_dataset(tmp_path):
   test_example = next(iter(tfds.as_numpy(builder.as_dataset('test'))))
   assert np.isnan(test_example[schema.VCF])
   assert (test_example[schema.WORLDCOVER] == schema.IGNORE_INDEX).all()
-  assert contract.composite == build.COMPOSITE_M3LEO and len(contract.mean) == 12
+  assert contract.composite == m3leo_source.COMPOSITE and len(contract.mean) == 12
   assert written  # The fixture wrote the S1 chips that were read back above.
 
 

@@ -23,4 +23,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.workers = 1
   c.vcf_band = 'Percent_Tree_Cover'
   c.vcf_min_valid_fraction = 0.5
+  c.statistics_by_region = False  # Also record per-region training statistics.
   return c
