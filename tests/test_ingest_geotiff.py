@@ -10,7 +10,9 @@ import os
 
 import numpy as np
 import pytest
+import rasterio
 import rasterio.warp
+import tensorflow_datasets as tfds
 
 import configs.data.geotiff as geotiff_config
 from data_pipeline import build
@@ -194,3 +196,34 @@ def test_dates_and_units_are_read_from_files(tmp_path):
   seasons = {os.path.basename(s.path)[12:20]: s.season for s in unit.scenes}
   assert seasons == {d: season for season, ds in DATES.items() for d in ds}
   assert written and datetime.date(2019, 12, 15)  # winter starts in December of 2019
+
+
+def test_statistics_by_region(tmp_path):
+  """Per-region training statistics equal numpy's over each region's stored training tiles."""
+  write_acquisitions(tmp_path / 'a', seed=1)
+  write_acquisitions(tmp_path / 'b', seed=2)
+  for folder in ('a', 'b'):  # the second area 8 tiles further east, so ids differ
+    for path in (tmp_path / folder).glob('*.tif'):
+      if folder == 'b':
+        with rasterio.open(path, 'r+') as f:
+          f.transform = fx.utm_transform((fx.ORIGIN[0] + 8 * TILE * 10, fx.ORIGIN[1]))
+  config = config_for(str(tmp_path / 'a' / '*.tif'), statistics_by_region=True)
+  config.areas.append(geotiff_config.area(str(tmp_path / 'b' / '*.tif'), 'south_america'))
+  csv = tmp_path / 'split.csv'
+  plan = build.plan(config)
+  ids = [u.tile.tile_id for us in plan.units.values() for u in us]
+  csv.write_text('identifier,split\n' + ''.join(f'{i},train\n' for i in ids))
+  for area in config.areas:
+    area.split_csv = str(csv)
+  build.build(config, str(tmp_path / 'ds'))
+  builder = tfds.builder_from_directory(str(tmp_path / 'ds'))
+  by_region = builder.info.metadata['statistics_by_region']
+  assert sorted(by_region) == ['europe', 'south_america']
+  train = fx.read_dataset(tmp_path / 'ds')['train']
+  for region in by_region:
+    images = np.stack([ex[schema.IMAGE] for ex in train.values()
+                       if schema.REGIONS[ex[schema.REGION]] == region]).astype(np.float64)
+    np.testing.assert_allclose(by_region[region]['mean'],
+                               np.nanmean(images.reshape(-1, 12), axis=0), rtol=1e-6)
+    np.testing.assert_allclose(by_region[region]['std'],
+                               np.nanstd(images.reshape(-1, 12), axis=0), rtol=1e-5)
