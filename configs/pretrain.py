@@ -66,7 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset = ml_collections.ConfigDict()
   c.dataset.data_dir = ''  # A folder written by data_pipeline (tfds.builder_from_directory).
   c.dataset.train_split = 'train'
-  c.dataset.shuffle_buffer = 256  # Raw records per host; ~4.8 MB each at 448 px.
+  # > 1: shuffle. The local reader shuffles whole epochs; the tf.data one (gs://) shuffles in a
+  # window of this many raw records per host (~4.8 MB each at 448 px).
+  c.dataset.shuffle_buffer = 256
 
   c.model = ml_collections.ConfigDict()
   c.model.image_size = 448
