@@ -96,6 +96,11 @@ def bounds_in(path: str, crs) -> tuple[float, float, float, float]:
                                                 densify_pts=21))
 
 
+def label_footprints(pattern: str, what: str) -> list[Footprint]:
+  """Footprints of the label rasters matching a glob; none for an empty pattern."""
+  return [footprint(p) for p in find_files(pattern, what)] if pattern else []
+
+
 def tile_lonlat_bounds(tile: tiling.TileSpec) -> tuple[float, float, float, float]:
   return tuple(rasterio.warp.transform_bounds(tile.crs, tiling.WGS84, *tile.bounds,
                                               densify_pts=21))

@@ -77,10 +77,8 @@ def _settings(config) -> Settings:
 def plan(config) -> common.Plan:
   """Tiles (one per patch), shard record counts and splits of every area's export."""
   settings = _settings(config)
-  worldcover = [common.footprint(p) for p in common.find_files(
-      config.worldcover, 'config.worldcover')] if config.worldcover else []
-  vcf = [common.footprint(p) for p in common.find_files(
-      config.vcf, 'config.vcf')] if config.vcf else []
+  worldcover = common.label_footprints(config.worldcover, 'config.worldcover')
+  vcf = common.label_footprints(config.vcf, 'config.vcf')
   units, centres, left_out = {}, {}, {}
   for index, area in enumerate(config.areas):
     region = common.region_of(area, index)

@@ -200,10 +200,8 @@ def plan(config) -> common.Plan:
       resample_in_linear_power=bool(config.resample_in_linear_power),
       min_valid_fraction=float(config.min_valid_fraction),
       labels=common.LabelSettings(config.vcf_band, float(config.vcf_min_valid_fraction)))
-  worldcover = [common.footprint(p) for p in common.find_files(
-      config.worldcover, 'config.worldcover')] if config.worldcover else []
-  vcf = [common.footprint(p) for p in common.find_files(
-      config.vcf, 'config.vcf')] if config.vcf else []
+  worldcover = common.label_footprints(config.worldcover, 'config.worldcover')
+  vcf = common.label_footprints(config.vcf, 'config.vcf')
 
   units, centres, left_out = {}, {}, {}
   for index, area in enumerate(config.areas):
