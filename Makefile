@@ -1,6 +1,7 @@
 # Two commands for a fresh machine (Python 3.10+ with pip and venv; no GPU needed):
 #   make demo   builds the embedded dataset and pretrains the tiny MAE on it (~3 min on 2 cores)
-#   make test   runs the test suite on 8 fake CPU devices (~4 min on 2 cores)
+#   make study-quick  the label-efficiency study on that dataset (~25 min on 2 cores)
+#   make test   runs the test suite on 8 fake CPU devices (~7 min on 2 cores)
 # Both create .venv from the pinned requirements on first use.
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ DEMO_DATA ?= data/synthetic_tiny
 DEMO_WORKDIR ?= workdirs/demo
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test bench venv clean
+.PHONY: demo study-quick test bench venv clean
 
 $(VENV)/.installed: requirements.txt requirements-lock.txt requirements-parity.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,11 @@ $(DEMO_DATA)/dataset_info.json: | $(VENV)/.installed
 demo: $(VENV)/.installed $(DEMO_DATA)/dataset_info.json
 	$(PY) -m mae_jax.main --config configs/pretrain.py:tiny --workdir $(DEMO_WORKDIR) \
 	    --config.dataset.data_dir=$(DEMO_DATA)
+
+# The label-efficiency study on the embedded dataset (pretrain, then 64 fine-tuning runs).
+study-quick: $(VENV)/.installed $(DEMO_DATA)/dataset_info.json
+	$(PY) -m mae_jax.study --config configs/study.py:quick --workdir workdirs/study_quick \
+	    --config.data_dir=$(DEMO_DATA)
 
 test: $(VENV)/.installed
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests

@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset = ml_collections.ConfigDict()
   c.dataset.data_dir = ''  # A folder written by data_pipeline (tfds.builder_from_directory).
   c.dataset.train_split = 'train'
+  # Regions (data_pipeline.schema.REGIONS) to pretrain on; () = every tile of the split. The
+  # label-efficiency study pretrains on schema.PRETRAIN_REGIONS and tests outside them too.
+  c.dataset.regions = ()
   # > 1: shuffle. The local reader shuffles whole epochs; the tf.data one (gs://) shuffles in a
   # window of this many raw records per host (~4.8 MB each at 448 px).
   c.dataset.shuffle_buffer = 256

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 STATE = 'state'
 METADATA = 'metadata'
@@ -82,3 +83,54 @@ def architecture_differences(saved: dict[str, Any], current: dict[str, Any], pre
     elif a != b:
       out.append(f'{prefix}.{key}: checkpoint {a!r} != config {b!r}')
   return out
+
+
+def locate(path: str) -> tuple[str, int]:
+  """(checkpoints folder, step) for a workdir (its latest step), a checkpoints folder, or one
+  step's folder (``.../checkpoints/<step>``). Only committed steps count."""
+  if not path:
+    raise ValueError('checkpoint path is empty')
+  path = path if '://' in path else os.path.abspath(path)
+  root = epath.Path(path)
+  if not root.exists():
+    raise FileNotFoundError(f'checkpoint path {path!r} does not exist')
+  step = None
+  if (root / STATE).exists() and root.name.isdigit():
+    directory, step = os.fspath(root.parent), int(root.name)
+  elif (root / 'checkpoints').exists():
+    directory = checkpoint_dir(path)
+  else:
+    directory = path
+  manager = ocp.CheckpointManager(directory, item_names=(STATE, METADATA))
+  steps = list(manager.all_steps())
+  manager.close()
+  if step is None:
+    if not steps:
+      raise FileNotFoundError(f'no committed checkpoint under {path!r}: pass a mae_jax workdir, '
+                              'its checkpoints/ folder or one checkpoints/<step> folder')
+    step = max(steps)
+  elif step not in steps:
+    raise FileNotFoundError(f'{path!r} is not a committed checkpoint (an interrupted save?); '
+                            f'committed steps there: {sorted(steps)}')
+  return directory, step
+
+
+def read_metadata(directory: str, step: int) -> dict[str, Any]:
+  checkpointer = Checkpointer(directory, async_save=False)
+  try:
+    return checkpointer.restore_metadata(step)
+  finally:
+    checkpointer.close()
+
+
+def restore_subtree(directory: str, step: int, target: Any) -> Any:
+  """Restores only the leaves named by ``target`` (a sub-tree of the saved state, e.g.
+  ``{'params': {'encoder': ...}}`` of ShapeDtypeStructs with shardings) from ``step``.
+
+  Orbax reads just those arrays, each straight into its target sharding, so the mesh and device
+  count may differ from the saving run's and nothing else of the checkpoint is loaded.
+  """
+  args = ocp.args.PyTreeRestore(item=target,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                partial_restore=True)
+  return ocp.PyTreeCheckpointer().restore(epath.Path(directory) / str(step) / STATE, args=args)

@@ -1,5 +1,9 @@
 r"""Entrypoint: ``python -m mae_jax.main --config configs/<file>.py:<preset> --workdir DIR``.
 
+``config.task`` picks the job: ``pretrain`` (configs/pretrain.py), ``finetune``
+(configs/finetune_vcf.py, finetune_worldcover.py, linear_probe.py) or ``evaluate``
+(configs/evaluate.py; its --workdir defaults to the checkpoint's).
+
 Any config field can be overridden with ``--config.<field>=<value>`` (for example
 ``--config.total_steps=1000 --config.mesh.fsdp=4``). A run started again with the same workdir
 resumes from the workdir's latest checkpoint.
@@ -16,7 +20,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory (local or gs://) for checkpoints, '
                                'logs and plots; reused to resume.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['config'])
 
 
 def main(argv):
@@ -30,9 +34,17 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   task = config.get('task', 'pretrain')
+  if task != 'evaluate' and not _WORKDIR.value:
+    raise app.UsageError('--workdir is required (evaluation alone defaults to the checkpoint\'s)')
   if task == 'pretrain':
     from mae_jax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, _WORKDIR.value)
+  elif task == 'finetune':
+    from mae_jax import finetune  # pylint: disable=g-import-not-at-top
+    finetune.finetune(config, _WORKDIR.value)
+  elif task == 'evaluate':
+    from mae_jax import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.evaluate_checkpoint(config, _WORKDIR.value)
   else:
     raise app.UsageError(f'unknown config.task {task!r}')
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 # Parameters that never get weight decay, besides every bias and LayerNorm parameter.
@@ -55,3 +57,71 @@ def create_optimizer(optim_config: Any, global_batch: int, total_steps: int):
                            eps=optim_config.get('eps', 1e-8),
                            weight_decay=optim_config.weight_decay, mask=weight_decay_mask))
   return optax.chain(*parts), schedule
+
+
+# --- Fine-tuning ------------------------------------------------------------------------------
+
+
+def _names(path) -> list[str]:
+  return [str(getattr(key, 'key', getattr(key, 'name', key))) for key in path]
+
+
+def layer_index(names: list[str], depth: int) -> int:
+  """He et al.'s layer id (``util/lr_decay.py``): embeddings 0, block i -> i + 1, the rest depth + 1."""
+  if names[0] in ('patch_embed', 'cls_token', 'pos_embedding'):
+    return 0
+  if names[0] == 'encoder' and names[1].startswith('block_'):
+    return int(names[1][len('block_'):]) + 1
+  return depth + 1
+
+
+def layer_decay_scales(params: Any, depth: int, decay: float) -> Any:
+  """Per-param lr multipliers decay ** (depth + 1 - layer id); an array over the layer axis for
+  scanned blocks (``encoder/blocks``, leading axis = layer), a float elsewhere."""
+  def scale(path, leaf):
+    names = _names(path)
+    if names[0] == 'encoder' and len(names) > 1 and names[1] == 'blocks':
+      per_layer = decay ** (depth - np.arange(depth, dtype=np.float64))  # ids 1..depth
+      return jnp.asarray(per_layer.reshape((depth,) + (1,) * (len(leaf.shape) - 1)), jnp.float32)
+    return float(decay ** (depth + 1 - layer_index(names, depth)))
+  return jax.tree_util.tree_map_with_path(scale, params)
+
+
+def scale_by_tree(scales: Any) -> optax.GradientTransformation:
+  """Multiplies each update by the matching leaf of ``scales`` (floats or broadcastable arrays)."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def create_finetune_optimizer(optim_config: Any, global_batch: int, total_steps: int,
+                              params: Any, *, depth: int, freeze_encoder: bool,
+                              is_encoder_param) -> tuple[optax.GradientTransformation, Any]:
+  """AdamW for fine-tuning: optional layer-wise lr decay and a frozen encoder.
+
+  With ``optim_config.layer_decay`` < 1, the update of a param in layer id ``i`` is scaled by
+  ``layer_decay ** (depth + 1 - i)``, weight decay included, exactly as He et al.'s param
+  groups scale both lr and decoupled decay. With ``freeze_encoder`` the encoder's updates are
+  scaled by zero, weight decay included, so it cannot move. (Its Adam moments still exist and
+  stay zero, as its gradients are stopped in the model: a simpler state layout, whose sharding
+  mirrors the params, at the cost of two encoder-sized buffers.)
+  ``params`` may be abstract (shapes only).
+  """
+  schedule = learning_rate_schedule(optim_config, global_batch, total_steps)
+  parts = []
+  if optim_config.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
+  parts += [optax.scale_by_adam(b1=optim_config.b1, b2=optim_config.b2,
+                                eps=optim_config.get('eps', 1e-8)),
+            optax.add_decayed_weights(optim_config.weight_decay, mask=weight_decay_mask)]
+  layer_decay = optim_config.get('layer_decay', 1.0)
+  if layer_decay != 1.0 or freeze_encoder:
+    scales = layer_decay_scales(params, depth, layer_decay)
+    if freeze_encoder:
+      scales = {name: jax.tree.map(lambda s: 0.0 * s, subtree) if is_encoder_param(name)
+                else subtree for name, subtree in scales.items()}
+    parts.append(scale_by_tree(scales))
+  parts.append(optax.scale_by_learning_rate(schedule))
+  tx = optax.chain(*parts)
+  return tx, schedule

@@ -25,6 +25,7 @@ from etils import epath
 from data_pipeline import input as data_input
 from data_pipeline import render
 from data_pipeline import schema
+from data_pipeline import subsets
 from mae_jax import checkpoint as ckpt_lib
 from mae_jax import flops as flops_lib
 from mae_jax import optim
@@ -161,7 +162,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if not config.dataset.data_dir:
     raise validate.ConfigError('config.dataset.data_dir is empty: point it at a dataset written '
                                'by data_pipeline (e.g. python -m data_pipeline.build_synthetic)')
-  dataset = data_input.HostDataset(config.dataset.data_dir, config.dataset.train_split)
+  records = None
+  if config.dataset.get('regions'):
+    index = data_input.read_split_index(config.dataset.data_dir, config.dataset.train_split,
+                                        features=(schema.TILE_ID, schema.REGION))
+    records = subsets.select_records(index, regions=tuple(config.dataset.regions))
+    report(f'Pretraining on {len(records)} of {len(index[schema.TILE_ID])} tiles '
+           f'(regions {", ".join(config.dataset.regions)}).')
+  dataset = data_input.HostDataset(config.dataset.data_dir, config.dataset.train_split,
+                                   records=records)
   validate.check_data(config.model, config.dataset.data_dir, dataset.num_channels,
                       dataset.tile_size)
   contract = dataset.contract

@@ -287,3 +287,159 @@ def test_local_folders_get_the_local_reader_and_unknown_readers_are_refused(tiny
   assert data_input.HostDataset(tiny_dataset, 'train').reader == 'local'
   with pytest.raises(ValueError, match="reader must be one of"):
     data_input.HostDataset(tiny_dataset, 'train', reader='fast')
+
+
+# --- Record selections and evaluation passes ---------------------------------------------------
+
+
+def file_order_ids(data_dir, split='train'):
+  """Tile ids of a split in file order (= global record index order), read by stock TFDS."""
+  builder = tfds.builder_from_directory(data_dir)
+  return [ex[schema.TILE_ID] for ex in
+          tfds.as_numpy(builder.as_dataset(split, shuffle_files=False))]
+
+
+# The tf.data reader keeps a small selection in memory after one read, or rereads it per epoch.
+SELECTION_READERS = [('local', None), ('tf', 'cached'), ('tf', 'reread')]
+
+
+def open_selection(data_dir, reader, cache, monkeypatch, **kwargs):
+  if cache == 'reread':
+    monkeypatch.setattr(data_input, '_TF_CACHE_BYTES', 0)
+  dataset = data_input.HostDataset(data_dir, 'train', reader=reader, **kwargs)
+  if reader == 'tf':
+    assert dataset._tf_cache_selection() == (cache == 'cached')
+  return dataset
+
+
+@pytest.mark.parametrize('reader,cache', SELECTION_READERS)
+def test_a_selection_reads_each_selected_record_once_per_epoch(tiny_dataset, reader, cache,
+                                                               monkeypatch):
+  ids = file_order_ids(tiny_dataset)
+  reference = stock_examples(tiny_dataset)
+  selection = np.random.default_rng(0).choice(64, size=13, replace=False)  # Unsorted.
+  expected = sorted(ids[i] for i in selection)
+  dataset = open_selection(tiny_dataset, reader, cache, monkeypatch, process_index=0,
+                           process_count=1, records=selection)
+  assert dataset.num_examples == 13 and dataset.share_sizes == (13,)
+  np.testing.assert_array_equal(dataset.records, np.sort(selection))
+  np.testing.assert_array_equal(dataset.record_indices, np.sort(selection))
+  # Batches of 3 straddle epoch borders; 13 steps are 3 epochs.
+  stream = tile_ids(dataset, batch=3, seed=4, num_steps=13, shuffle_buffer=16)
+  epochs = [stream[i:i + 13] for i in range(0, 39, 13)]
+  for epoch in epochs:
+    assert sorted(epoch) == expected  # As a multiset: each selected record once.
+  assert len({tuple(epoch) for epoch in epochs}) > 1  # Each epoch in its own order.
+  assert tile_ids(dataset, batch=3, seed=4, start_step=5, num_steps=8,
+                  shuffle_buffer=16) == stream[15:]
+  batch = next(dataset.batches(13, seed=0, num_steps=1, features=ALL))
+  for i, tile_id in enumerate(batch[schema.TILE_ID]):
+    for name in ALL:
+      np.testing.assert_array_equal(batch[name][i], reference[tile_id][name], err_msg=name)
+
+
+@pytest.mark.parametrize('reader,cache', SELECTION_READERS)
+def test_processes_split_a_selection_between_them(tiny_dataset, reader, cache, monkeypatch):
+  ids = file_order_ids(tiny_dataset)
+  selection = [1, 5, 9, 20, 30, 31, 0, 40, 63, 50]  # 7 in the first half, 3 in the second.
+  shares = [open_selection(tiny_dataset, reader, cache, monkeypatch, process_index=i,
+                           process_count=2, records=selection) for i in range(2)]
+  assert [s.num_examples for s in shares] == [7, 3]
+  assert shares[0].share_sizes == shares[1].share_sizes == (7, 3)
+  read = [tile_ids(s, batch=s.num_examples, seed=1, num_steps=1, shuffle_buffer=16)
+          for s in shares]
+  assert not set(read[0]) & set(read[1])
+  assert sorted(read[0] + read[1]) == sorted(ids[i] for i in selection)
+
+
+@pytest.mark.parametrize('reader', READERS)
+def test_a_one_record_selection_fills_any_batch(tiny_dataset, reader):
+  ids = file_order_ids(tiny_dataset)
+  dataset = data_input.HostDataset(tiny_dataset, 'train', process_index=0, process_count=1,
+                                   reader=reader, records=np.array([37]))
+  batches = list(dataset.batches(4, seed=0, num_steps=3, shuffle_buffer=16,
+                                 features=(schema.TILE_ID, schema.VCF)))
+  assert len(batches) == 3
+  for batch in batches:
+    assert batch[schema.TILE_ID].tolist() == [ids[37]] * 4
+    assert batch[schema.VCF].shape == (4,)
+  # 3 records, batches of 8: every batch spans epochs, each a permutation of the 3.
+  three = data_input.HostDataset(tiny_dataset, 'train', process_index=0, process_count=1,
+                                 reader=reader, records=[2, 33, 60])
+  stream = tile_ids(three, batch=8, seed=0, num_steps=3, shuffle_buffer=16)
+  epochs = [stream[i:i + 3] for i in range(0, 24, 3)]
+  assert all(sorted(e) == sorted([ids[2], ids[33], ids[60]]) for e in epochs)
+  assert tile_ids(three, batch=8, seed=0, start_step=2, num_steps=1,
+                  shuffle_buffer=16) == stream[16:]
+  whole = data_input.HostDataset(tiny_dataset, 'train', process_index=0, process_count=1,
+                                 reader=reader)
+  with pytest.raises(ValueError, match=r'per-host batch 65 must lie in 1\.\.64'):
+    whole.batches(65, seed=0, num_steps=1)  # Without a selection, still a mistake.
+
+
+def test_bad_selections_are_refused(tiny_dataset):
+  def share(records, process_index=0, process_count=1):
+    return data_input.HostDataset(tiny_dataset, 'train', process_index, process_count,
+                                  records=records)
+
+  with pytest.raises(ValueError, match=r'process 1 of 2 has none of the 3 selected records '
+                     r'in its share \(records 32\.\.63 of the split\)'):
+    share([0, 1, 2], process_index=1, process_count=2)
+  with pytest.raises(ValueError, match='record index 64 out of range: the split has 64'):
+    share([3, 64])
+  with pytest.raises(ValueError, match='record index -1 out of range'):
+    share([-1, 3])
+  with pytest.raises(ValueError, match='record index 5 is selected more than once'):
+    share([5, 2, 5])
+  with pytest.raises(ValueError, match='integer record indices, got dtype bool'):
+    share(np.ones(64, bool))
+  with pytest.raises(ValueError, match='none of the 0 selected records'):
+    share([])
+
+
+def masked_in(batches, local_batch, features):
+  """Tile ids of the real examples of an evaluation pass; checks batch shapes and padding."""
+  ids = []
+  for batch in batches:
+    assert set(batch) == set(features) | {data_input.EXAMPLE_MASK}
+    mask = batch[data_input.EXAMPLE_MASK]
+    assert mask.dtype == np.bool_ and mask.shape == (local_batch,)
+    for name in features:
+      assert batch[name].shape[0] == local_batch
+    ids.extend(batch[schema.TILE_ID][mask].tolist())
+    # Padding follows the real examples and is a real record (here the share's first).
+    assert not np.any(mask[np.argmin(mask):]) or mask.all()
+  return ids
+
+
+@pytest.mark.parametrize('reader', READERS)
+def test_an_evaluation_pass_reads_the_split_once_in_file_order(tiny_dataset, reader):
+  ids = file_order_ids(tiny_dataset, 'validation')
+  dataset = data_input.HostDataset(tiny_dataset, 'validation', process_index=0,
+                                   process_count=1, reader=reader)
+  features = (schema.TILE_ID, schema.IMAGE)
+  batches = list(dataset.eval_batches(6, features=features))
+  assert len(batches) == dataset.num_eval_batches(6) == 3  # 16 records: 6 + 6 + 4 and 2 pads.
+  assert masked_in(batches, 6, features) == ids
+  assert batches[-1][data_input.EXAMPLE_MASK].tolist() == [True] * 4 + [False] * 2
+  assert batches[-1][schema.TILE_ID][4:].tolist() == [ids[0]] * 2
+  assert batches[0][schema.IMAGE].shape == (6, 32, 32, 12)
+  reference = stock_examples(tiny_dataset, 'validation')
+  np.testing.assert_array_equal(batches[1][schema.IMAGE][0], reference[ids[6]][schema.IMAGE])
+
+
+@pytest.mark.parametrize('reader', READERS)
+def test_evaluation_passes_of_uneven_shares_have_equal_lengths(tiny_dataset, reader):
+  ids = file_order_ids(tiny_dataset)
+  selection = [1, 5, 9, 20, 30, 31, 0, 40, 63, 50]  # 7 records in share 0, 3 in share 1.
+  shares = [data_input.HostDataset(tiny_dataset, 'train', process_index=i, process_count=2,
+                                   reader=reader, records=selection) for i in range(2)]
+  features = (schema.TILE_ID,)
+  passes = [list(s.eval_batches(2, features=features)) for s in shares]
+  assert [len(p) for p in passes] == [s.num_eval_batches(2) for s in shares] == [4, 4]
+  assert [int(sum(b[data_input.EXAMPLE_MASK].sum() for b in p)) for p in passes] == [7, 3]
+  assert [b[data_input.EXAMPLE_MASK].tolist() for b in passes[1]] == [
+      [True, True], [True, False], [False, False], [False, False]]
+  read = [masked_in(p, 2, features) for p in passes]
+  assert read == [[ids[i] for i in sorted(selection) if i < 32],
+                  [ids[i] for i in sorted(selection) if i >= 32]]

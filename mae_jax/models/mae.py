@@ -22,6 +22,9 @@ import jax.numpy as jnp
 from mae_jax.models import vit
 
 NORM_PIX_CHOICES = ('none', 'patch', 'patch_channel')
+# Top-level param names of the encoder: what fine-tuning restores from a pretraining checkpoint
+# ('pos_embedding' exists only with learned position embeddings).
+ENCODER_PARAMS = ('patch_embed', 'cls_token', 'pos_embedding', 'encoder', 'encoder_norm')
 POS_EMBEDDING_CHOICES = ('sincos', 'learned')
 
 
@@ -150,27 +153,35 @@ class MaskedAutoencoder(nn.Module):
     raise ValueError(f'pos_embedding must be one of {POS_EMBEDDING_CHOICES}, '
                      f'got {self.pos_embedding!r}')
 
-  def _transformer(self, depth, heads, mlp_dim, name):
+  def _transformer(self, depth, heads, mlp_dim, name, **kwargs):
     return vit.Transformer(depth=depth, num_heads=heads, mlp_dim=mlp_dim,
                            layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
                            remat_policy=self.remat_policy, scan_layers=self.scan_layers,
-                           attention_implementation=self.attention_implementation, name=name)
+                           attention_implementation=self.attention_implementation, name=name,
+                           **kwargs)
 
   def setup(self):
+    self._setup_encoder()
+    self._setup_decoder()
+
+  def _setup_encoder(self, **transformer_kwargs):
+    """The encoder's modules and params: the names listed in ``ENCODER_PARAMS``."""
     if self.image_size % self.patch_size:
       raise ValueError(f'patch_size {self.patch_size} does not divide image_size {self.image_size}')
     if not 0.0 < self.mask_ratio < 1.0:
       raise ValueError(f'mask_ratio must lie in (0, 1), got {self.mask_ratio}')
     token_init = vit.partitioned(nn.initializers.normal(0.02), (None, None, 'embed'))
-    # Encoder.
     self.patch_embed = nn.Dense(self.width, dtype=self.dtype,
                                 kernel_init=vit.partitioned(vit.dense_init, ('patch', 'embed')),
                                 bias_init=vit.partitioned(nn.initializers.zeros, ('embed',)))
     self.cls_token = self.param('cls_token', token_init, (1, 1, self.width), jnp.float32)
     self.encoder_pos = self._position_embedding('pos_embedding', self.width)
-    self.encoder = self._transformer(self.depth, self.num_heads, self.mlp_dim, 'encoder')
+    self.encoder = self._transformer(self.depth, self.num_heads, self.mlp_dim, 'encoder',
+                                     **transformer_kwargs)
     self.encoder_norm = vit.layer_norm(self.layer_norm_eps, self.dtype)
-    # Decoder.
+
+  def _setup_decoder(self):
+    token_init = vit.partitioned(nn.initializers.normal(0.02), (None, None, 'embed'))
     self.decoder_embed = nn.Dense(self.decoder_width, dtype=self.dtype,
                                   kernel_init=vit.partitioned(vit.dense_init, ('embed', None)),
                                   bias_init=vit.partitioned(nn.initializers.zeros, ('embed',)))

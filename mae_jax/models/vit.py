@@ -143,23 +143,44 @@ class SelfAttention(nn.Module):
     return HeadsOutput(width, self.dtype, name='out')(out)
 
 
+def drop_path(module: nn.Module, x: jax.Array, rate: float, deterministic: bool) -> jax.Array:
+  """Stochastic depth: drops a residual branch per example with probability ``rate``.
+
+  Kept branches are scaled by 1 / (1 - rate) so the expectation is unchanged, as in timm's
+  ``DropPath`` used by MAE fine-tuning. Draws from the module's 'dropout' rng stream.
+  """
+  if deterministic or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(module.make_rng('dropout'), 1.0 - rate,
+                              (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
 class EncoderBlock(nn.Module):
-  """One pre-LN transformer block. Called as ``(x, _) -> (x, None)`` so it can be scanned."""
+  """One pre-LN transformer block. Called as ``(x, _) -> (x, None)`` so it can be scanned.
+
+  ``drop_path_rate`` (fine-tuning) drops each residual branch per example unless
+  ``deterministic``; it is a field, not a call argument, so scanned and rematerialised blocks
+  need no static arguments: a training and an evaluation model are two clones of one module.
+  """
   num_heads: int
   mlp_dim: int
   layer_norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
   attention_implementation: str = 'auto'
+  drop_path_rate: float = 0.0
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, _=None):
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     y = layer_norm(self.layer_norm_eps, self.dtype, 'norm1')(x)
     y = SelfAttention(self.num_heads, self.dtype, self.attention_implementation, name='attn')(y)
-    x = x + y
+    x = x + drop_path(self, y, self.drop_path_rate, self.deterministic)
     y = layer_norm(self.layer_norm_eps, self.dtype, 'norm2')(x)
     y = MlpBlock(self.mlp_dim, self.dtype, name='mlp')(y)
-    x = nn.with_logical_constraint(x + y, ACTIVATION_AXES)
+    x = x + drop_path(self, y, self.drop_path_rate, self.deterministic)
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     return x, None
 
 
@@ -186,6 +207,10 @@ class Transformer(nn.Module):
   remat_policy: str = 'none'
   scan_layers: bool = False
   attention_implementation: str = 'auto'
+  # Stochastic depth, rising linearly from 0 at the first block to this rate at the last (as in
+  # MAE fine-tuning); scanned layers share one block, so they all use the mean rate.
+  drop_path_rate: float = 0.0
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -198,14 +223,18 @@ class Transformer(nn.Module):
                        prevent_cse=not self.scan_layers)
     kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                   layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
-                  attention_implementation=self.attention_implementation)
+                  attention_implementation=self.attention_implementation,
+                  deterministic=self.deterministic)
+    rates = np.linspace(0.0, self.drop_path_rate, self.depth) if self.depth else []
     if self.scan_layers:
-      scanned = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+      scanned = nn.scan(block, variable_axes={'params': 0},
+                        split_rngs={'params': True, 'dropout': True},
                         length=self.depth, metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = scanned(**kwargs, name='blocks')(x, None)
+      x, _ = scanned(**kwargs, drop_path_rate=float(np.mean(rates)) if self.depth else 0.0,
+                     name='blocks')(x, None)
     else:
       for i in range(self.depth):
-        x, _ = block(**kwargs, name=f'block_{i}')(x, None)
+        x, _ = block(**kwargs, drop_path_rate=float(rates[i]), name=f'block_{i}')(x, None)
     return x
 
 

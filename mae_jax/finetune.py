@@ -1,0 +1,424 @@
+"""Fine-tuning and linear probing on VCF or WorldCover: a linear trainer in labelled sections.
+
+``finetune(config, workdir)`` trains the encoder of ``config.model`` with a fresh head
+(``config.head``) on a nested label fraction of the training split, keeps the step with the
+lowest validation loss (``config.select_best``), then evaluates it on the validation and test
+splits per region. With ``config.init_checkpoint`` the encoder params (only those) are restored
+from a pretraining checkpoint into the abstract, sharded target of this run's mesh; the head and
+the optimiser start fresh. Without it the same architecture trains from scratch.
+
+State: ``{'step', 'params', 'batch_stats', 'opt_state', 'best': {'params', 'batch_stats',
+'loss', 'step'}}``, created sharded; the best copy travels in every checkpoint, so a resumed run
+selects exactly as an uninterrupted one. Randomness (head init, drop path, label subset, data
+order) derives from ``config.seed`` and the step.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+
+from data_pipeline import input as data_input
+from data_pipeline import schema
+from data_pipeline import subsets
+from mae_jax import checkpoint as ckpt_lib
+from mae_jax import evaluate
+from mae_jax import optim
+from mae_jax import preprocess
+from mae_jax import sharding
+from mae_jax import train as pretrain_lib
+from mae_jax import validate
+from mae_jax import writers
+from mae_jax.models import downstream
+
+# Fields of config.model that decide the encoder's param shapes (the decoder is not restored).
+ENCODER_ARCHITECTURE_FIELDS = ('image_size', 'patch_size', 'num_channels', 'encoder',
+                               'pos_embedding', 'scan_layers')
+report = pretrain_lib.report
+# Optimisers and jitted functions by what they close over: later runs in one process (the
+# label-efficiency study runs dozens differing only in data, seed and init values) reuse them and
+# their compiled executables. Few entries: executables hold device memory.
+_MEMO: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+_MEMO_SIZE = 16
+
+
+def memo(key, build):
+  if key not in _MEMO:
+    _MEMO[key] = build()
+    while len(_MEMO) > _MEMO_SIZE:
+      _MEMO.popitem(last=False)
+  _MEMO.move_to_end(key)
+  return _MEMO[key]
+
+
+def sharding_key(shardings) -> tuple[Any, ...]:
+  return (jax.tree.structure(shardings), tuple(jax.tree.leaves(shardings)))
+
+
+def encoder_architecture(model_config: dict[str, Any]) -> dict[str, Any]:
+  return {k: model_config.get(k) for k in ENCODER_ARCHITECTURE_FIELDS}
+
+
+# --- Steps ----------------------------------------------------------------------------------
+
+
+def train_step(state, batch, seed, *, model, tx, schedule, mean, std, task):
+  """One optimiser step: normalise, forward (drop path, BatchNorm batch statistics), update.
+
+  ``seed`` is a traced scalar, so runs that differ only in seed share one compiled step.
+  """
+  step = state['step']
+  images, _ = preprocess.normalise(batch[schema.IMAGE], mean, std)
+  labels = batch[evaluate.label_feature(task)]
+  rng = jax.random.fold_in(jax.random.key(seed), step)
+
+  def loss_fn(params):
+    variables = {'params': params, 'batch_stats': state['batch_stats']}
+    output, updates = model.apply(variables, images, rngs={'dropout': rng},
+                                  mutable=['batch_stats'])
+    loss_sum, count = evaluate.task_loss(task, output, labels,
+                                         jnp.ones(images.shape[0], jnp.bool_))
+    return loss_sum / jnp.maximum(count, 1.0), updates.get('batch_stats', {})
+
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(step)}
+  return {**state, 'step': step + 1, 'params': params, 'batch_stats': batch_stats,
+          'opt_state': opt_state}, metrics
+
+
+def keep_best(state, loss):
+  """Copies params and statistics into ``state['best']`` if ``loss`` beats the best so far."""
+  better = loss < state['best']['loss']
+  pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(better, a, b), new, old)
+  best = {'params': pick(state['params'], state['best']['params']),
+          'batch_stats': pick(state['batch_stats'], state['best']['batch_stats']),
+          'loss': jnp.where(better, loss, state['best']['loss']),
+          'step': jnp.where(better, state['step'], state['best']['step'])}
+  return {**state, 'best': best}
+
+
+# --- State ----------------------------------------------------------------------------------
+
+
+def state_shardings(model, tx, mesh, rules):
+  """(abstract state, its shardings) from the logical names on the params; nothing allocated."""
+  init = downstream.init_variables_fn(model)
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  specs = nn.get_partition_spec(boxed)
+  abstract_vars = jax.eval_shape(lambda r: nn.meta.unbox(init(r)), jax.random.key(0))
+  var_shardings = sharding.logical_to_shardings(specs, mesh, rules)
+  abstract_params = abstract_vars['params']
+  abstract_stats = abstract_vars.get('batch_stats', {})
+  replicated = sharding.replicated(mesh)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_sharding = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, var_shardings['params'],
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
+  abstract = {'step': scalar(jnp.int32), 'params': abstract_params, 'batch_stats': abstract_stats,
+              'opt_state': abstract_opt,
+              'best': {'params': abstract_params, 'batch_stats': abstract_stats,
+                       'loss': scalar(jnp.float32), 'step': scalar(jnp.int32)}}
+  stats_sharding = var_shardings.get('batch_stats', {})
+  shardings = {'step': replicated, 'params': var_shardings['params'],
+               'batch_stats': stats_sharding, 'opt_state': opt_sharding,
+               'best': {'params': var_shardings['params'], 'batch_stats': stats_sharding,
+                        'loss': replicated, 'step': replicated}}
+  return abstract, shardings
+
+
+def create_state(model, tx, rng, shardings):
+  init_fn = memo(('init', model, tx, sharding_key(shardings)),
+                 lambda: jax.jit(functools.partial(_init_state, model=model, tx=tx),
+                                 out_shardings=shardings))
+  return init_fn(rng)
+
+
+def _init_state(rng, *, model, tx):
+  variables = nn.meta.unbox(downstream.init_variables_fn(model)(rng))
+  params, stats = variables['params'], variables.get('batch_stats', {})
+  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'batch_stats': stats,
+          'opt_state': tx.init(params),
+          'best': {'params': params, 'batch_stats': stats,
+                   'loss': jnp.full((), jnp.inf, jnp.float32), 'step': jnp.zeros((), jnp.int32)}}
+
+
+def check_pretrained(metadata: dict[str, Any], where: str, config, contract) -> None:
+  """Architecture and input-contract checks of an init checkpoint, with errors naming fields."""
+  saved_model = metadata.get('model')
+  if not saved_model:
+    raise ValueError(f'{where}: no model in the checkpoint metadata; not a mae_jax checkpoint')
+  diffs = ckpt_lib.architecture_differences(encoder_architecture(saved_model),
+                                            encoder_architecture(config.model.to_dict()))
+  if diffs:
+    raise ValueError(f'{where} holds another encoder than config.model: ' + '; '.join(diffs)
+                     + ' (pick the fine-tuning preset that matches the pretraining one)')
+  saved_contract = schema.InputContract.from_dict(metadata['input_contract'])
+  contract_diffs = saved_contract.differences(contract)
+  if contract_diffs:
+    message = (f'the fine-tuning data ({config.dataset.data_dir}) differ from what the encoder '
+               f'in {where} was pretrained on: ' + '; '.join(contract_diffs))
+    if not config.allow_contract_mismatch:
+      raise ValueError(message + ' (set --config.allow_contract_mismatch=True to go on anyway)')
+    report('WARNING: ' + message)
+
+
+def restore_encoder(config, model_abstract, model_shardings, contract):
+  """(encoder params restored into ``model_shardings``, checkpoint metadata, 'dir/step').
+
+  The checkpoint's architecture and input contract are checked first (``check_pretrained``).
+  """
+  directory, step = ckpt_lib.locate(config.init_checkpoint)
+  metadata = ckpt_lib.read_metadata(directory, step)
+  check_pretrained(metadata, f'{directory}/{step}', config, contract)
+  encoder_abstract, _ = downstream.split_params(model_abstract)
+  encoder_shardings, _ = downstream.split_params(model_shardings)
+  target = {'params': ckpt_lib.abstract_like(encoder_abstract, encoder_shardings)}
+  restored = ckpt_lib.restore_subtree(directory, step, target)
+  return restored['params'], metadata, f'{directory}/{step}'
+
+
+def setup_state(config, model, tx, mesh, rules, checkpointer, contract):
+  """The run's first state, sharded on ``mesh``: resumed from the workdir, or new with the
+  encoder restored from ``config.init_checkpoint`` (if set).
+
+  Returns (state, state shardings, the input contract to normalise with, init checkpoint).
+  Call under ``jax.set_mesh(mesh)`` and the logical rules.
+  """
+  abstract_state, state_sharding = state_shardings(model, tx, mesh, rules)
+  latest = checkpointer.latest_step() if checkpointer else None
+  init_from = None
+  if latest is None:
+    state = create_state(model, tx, jax.random.key(config.seed), state_sharding)
+    if config.init_checkpoint:
+      encoder, init_metadata, init_from = restore_encoder(config, abstract_state['params'],
+                                                          state_sharding['params'], contract)
+      contract = schema.InputContract.from_dict(init_metadata['input_contract'])
+      params = {**state['params'], **encoder}
+      # The best copy needs buffers of its own: the train step donates the state.
+      best_params = jax.tree.map(jnp.copy, params)
+      state = {**state, 'params': params, 'best': {**state['best'], 'params': best_params}}
+      report(f'Restored the encoder from {init_from}; head and optimiser are new.')
+    else:
+      report('Training from scratch (no init_checkpoint).')
+  else:
+    saved = checkpointer.restore_metadata(latest)
+    diffs = ckpt_lib.architecture_differences(saved.get('architecture', {}),
+                                              finetune_architecture(config))
+    if diffs:
+      raise ValueError(f'checkpoint {checkpointer.directory}/{latest} was written by another '
+                       'model: ' + '; '.join(diffs))
+    state, saved = checkpointer.restore(latest, ckpt_lib.abstract_like(abstract_state,
+                                                                      state_sharding))
+    contract = schema.InputContract.from_dict(saved['input_contract'])
+    init_from = saved.get('init_checkpoint')
+    report(f'Resumed from {checkpointer.directory}/{latest}.')
+  return state, state_sharding, contract, init_from
+
+
+# --- Data -----------------------------------------------------------------------------------
+
+
+def training_records(config) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """Global record indices of the training subset: regions, labelled tiles, label fraction."""
+  index = data_input.read_split_index(config.dataset.data_dir, config.dataset.train_split)
+  records = subsets.select_records(
+      index, regions=tuple(config.dataset.train_regions) or None,
+      labelled='vcf' if config.task_name == 'vcf' else None,
+      fraction=config.label_fraction, seed=config.seed)
+  return records, index
+
+
+def num_train_steps(config, num_examples: int) -> int:
+  if config.total_steps > 0:
+    return config.total_steps
+  return max(1, math.ceil(config.epochs * num_examples / config.batch_size))
+
+
+def resolved_optim(config, num_examples: int) -> ml_collections.ConfigDict:
+  """config.optim with warmup_epochs turned into steps of this run."""
+  optim_config = ml_collections.ConfigDict(config.optim.to_dict())
+  if optim_config.warmup_epochs:
+    steps_per_epoch = max(1, num_examples // config.batch_size)
+    optim_config.warmup_steps = int(round(optim_config.warmup_epochs * steps_per_epoch))
+  return optim_config
+
+
+def eval_every(config, num_examples: int) -> int:
+  return config.eval_every_steps or max(1, math.ceil(num_examples / config.batch_size))
+
+
+# --- Trainer --------------------------------------------------------------------------------
+
+
+def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) one fine-tuning run; returns its final metrics."""
+  workdir = pretrain_lib.resolve_workdir(workdir)
+  task = config.task_name
+  if task not in ('vcf', 'worldcover'):
+    raise validate.ConfigError(f"config.task_name={task!r} must be 'vcf' or 'worldcover'")
+  if not 0.0 < config.label_fraction <= 1.0:
+    raise validate.ConfigError(f'config.label_fraction={config.label_fraction} must lie in (0, 1]')
+  validate.check_model(config.model)
+  mesh = sharding.create_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.logical_rules)
+  if not config.dataset.data_dir:
+    raise validate.ConfigError('config.dataset.data_dir is empty')
+
+  # --- Data ---------------------------------------------------------------------------------
+  records, _ = training_records(config)
+  train_data = data_input.HostDataset(config.dataset.data_dir, config.dataset.train_split,
+                                      records=records)
+  validate.check_data(config.model, config.dataset.data_dir, train_data.num_channels,
+                      train_data.tile_size)
+  total_steps = num_train_steps(config, len(records))
+  probe = ml_collections.ConfigDict({'batch_size': config.batch_size, 'total_steps': total_steps,
+                                     'optim': {'grad_accum_steps': 1}})
+  validate.check_batch(probe, sharding.data_parallel_size(mesh), jax.process_count())
+  contract = train_data.contract
+  local_batch = config.batch_size // jax.process_count()
+  eval_batch = config.eval_batch_size or config.batch_size
+
+  workdir_path = epath.Path(workdir)
+  workdir_path.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (workdir_path / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  writer = writers.create_writer(workdir)
+
+  # --- Model, optimiser, state --------------------------------------------------------------
+  train_model = downstream.model_from_config(config, train=True)
+  eval_model = train_model.clone(train=False)
+  abstract_params = jax.eval_shape(
+      lambda r: nn.meta.unbox(downstream.init_variables_fn(eval_model)(r)),
+      jax.random.key(0))['params']
+  optim_config = resolved_optim(config, len(records))
+  tx, schedule = memo(
+      ('tx', eval_model, optim_config.to_json(), config.batch_size, total_steps),
+      lambda: optim.create_finetune_optimizer(
+          optim_config, config.batch_size, total_steps, abstract_params,
+          depth=config.model.encoder.depth, freeze_encoder=config.freeze_encoder,
+          is_encoder_param=downstream.is_encoder_param))
+  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir),
+                                       keep=config.checkpoint.keep,
+                                       async_save=config.checkpoint.async_save)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state, state_sharding, contract, init_from = setup_state(config, eval_model, tx, mesh, rules,
+                                                             checkpointer, contract)
+    # The encoder keeps the normalisation it was pretrained with; scratch uses this dataset's.
+    mean, std = np.asarray(contract.mean, np.float32), np.asarray(contract.std, np.float32)
+    metadata = {'task': 'finetune', 'task_name': task, 'head_kind': config.head.kind,
+                'model': config.model.to_dict(), 'architecture': finetune_architecture(config),
+                'input_contract': contract.to_dict(), 'init_checkpoint': init_from,
+                'label_fraction': config.label_fraction, 'num_train_examples': len(records),
+                'config': json.loads(config.to_json_best_effort())}
+    start_step = int(jax.device_get(state['step']))
+
+    batch_sharding = sharding.batch_sharding(mesh)
+    def build_functions():
+      step_fn = jax.jit(
+          functools.partial(train_step, model=train_model, tx=tx, schedule=schedule, mean=mean,
+                            std=std, task=task),
+          in_shardings=(state_sharding, batch_sharding, None),
+          out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+      best_fn = jax.jit(keep_best, in_shardings=(state_sharding, None),
+                        out_shardings=state_sharding, donate_argnums=(0,))
+      return step_fn, best_fn, evaluate.make_eval_fn(eval_model, mean, std, task)
+
+    step_fn, best_fn, eval_fn = memo(
+        ('functions', train_model, tx, tuple(mean.tolist()), tuple(std.tolist()), task,
+         sharding_key(state_sharding)), build_functions)
+    seed = jnp.int32(config.seed)
+    features = (schema.IMAGE, evaluate.label_feature(task))
+    eval_features = features + (schema.REGION,)
+    val_data = data_input.HostDataset(config.dataset.data_dir, config.dataset.validation_split)
+
+    def validation_loss(variables) -> float:
+      totals, _ = evaluate.accumulate(
+          eval_fn, variables, val_data.eval_batches(eval_batch // jax.process_count(),
+                                                    features=eval_features), batch_sharding)
+      return float(totals['loss_sum'][-1] / max(totals['loss_count'][-1], 1.0))
+
+    interval = eval_every(config, len(records))
+    report(f'{task} {config.head.kind}: {len(records)} training tiles '
+           f'(label fraction {config.label_fraction}), steps {start_step} -> {total_steps}, '
+           f'validation every {interval} steps; mesh {dict(mesh.shape)}.')
+    batches = train_data.batches(local_batch, seed=config.seed, start_step=start_step,
+                                 num_steps=max(total_steps - start_step, 0),
+                                 shuffle_buffer=config.dataset.shuffle_buffer, features=features)
+    last: dict[str, Any] = {}
+    for step in range(start_step, total_steps):
+      state, metrics = step_fn(state, data_input.global_batch(next(batches), batch_sharding),
+                               seed)
+      done = step + 1
+      if done % interval == 0 or done == total_steps:
+        val_loss = validation_loss({'params': state['params'],
+                                    'batch_stats': state['batch_stats']})
+        state = best_fn(state, jnp.float32(val_loss))
+        last['val_loss'] = val_loss
+      if done % config.log_every_steps == 0 or done in (start_step + 1, total_steps):
+        metrics = jax.device_get(metrics)
+        if not np.isfinite(metrics['loss']):
+          raise FloatingPointError(f'non-finite loss {metrics["loss"]} at step {done}')
+        last.update({k: float(v) for k, v in metrics.items()})
+        writer.write_scalars(done, last)
+        writer.flush()
+      if done % config.checkpoint.every_steps == 0 or done == total_steps:
+        checkpointer.save(done, state, metadata, force=True)
+    checkpointer.close()
+
+    # --- Final evaluation of the selected model ---------------------------------------------
+    chosen = state['best'] if config.select_best else state
+    variables = {'params': chosen['params'], 'batch_stats': chosen['batch_stats']}
+    best_step = int(jax.device_get(state['best']['step'])) if config.select_best else total_steps
+    results = evaluate_splits(config, eval_fn, variables, batch_sharding, eval_batch,
+                              (config.dataset.validation_split, config.dataset.test_split),
+                              eval_features)
+    results.update({'step': total_steps, 'selected_step': best_step, 'task_name': task,
+                    'init_checkpoint': init_from, 'label_fraction': config.label_fraction,
+                    'num_train_examples': len(records)})
+    if jax.process_index() == 0:
+      tmp = workdir_path / 'final_metrics.json.tmp'
+      tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
+      tmp.rename(workdir_path / 'final_metrics.json')
+  writer.close()
+  return results
+
+
+def finetune_architecture(config) -> dict[str, Any]:
+  """What decides the shapes of a fine-tuning state: resuming checks all of it."""
+  return {**pretrain_lib.architecture(config.model), 'task_name': config.task_name,
+          'head_kind': config.head.kind, 'head_options': config.head.options.to_dict(),
+          'freeze_encoder': config.freeze_encoder,
+          'layer_decay': config.optim.get('layer_decay', 1.0)}
+
+
+def evaluate_splits(config, eval_fn, variables, batch_sharding, eval_batch, splits, features,
+                    keep_images: int = 0):
+  """{'splits': {split: {region: metrics}}} plus, with keep_images, the kept tiles per split."""
+  results: dict[str, Any] = {'splits': {}}
+  kept = {}
+  for split in splits:
+    data = data_input.HostDataset(config.dataset.data_dir, split)
+    totals, kept[split] = evaluate.accumulate(
+        eval_fn, variables, data.eval_batches(eval_batch // jax.process_count(),
+                                              features=features),
+        batch_sharding, keep_images=keep_images)
+    results['splits'][split] = evaluate.finalise(config.task_name, totals)
+  if keep_images:
+    results['_kept'] = kept
+  return results
+

@@ -1,0 +1,152 @@
+r"""Runs the label-efficiency study (configs/study.py) and writes its table and plots.
+
+  python -m mae_jax.study --config configs/study.py:quick --workdir workdirs/study_quick
+
+Steps: (1) pretrain on the pretraining regions unless ``pretrain_checkpoint`` is given;
+(2) for each task, label fraction and init (pretrained / scratch), sweep ``lr_sweep`` on the
+first seed and select the rate with the lowest validation loss; (3) run the remaining seeds at
+the selected rate; (4) collect each run's test metrics per region into ``results.csv``, write
+``results.md`` and ``study.png`` (:mod:`mae_jax.study_report`). Runs are plain fine-tuning
+workdirs under ``<workdir>/runs/<task>/<init>/frac<fraction>/lr<lr>/seed<seed>``; a finished run
+(``final_metrics.json`` present) is read, not rerun, so the study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/study.py:quick',
+                                          'Study config file[:preset].', lock_config=False)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Study folder (runs, results.csv, plots).')
+flags.mark_flags_as_required(['workdir'])
+
+INITS = ('pretrained', 'scratch')
+
+
+def run_dir(workdir: str, task: str, init: str, fraction: float, lr: float, seed: int) -> str:
+  return os.path.join(workdir, 'runs', task, init, f'frac{fraction:g}', f'lr{lr:g}',
+                      f'seed{seed}')
+
+
+def pretrain_if_needed(study, workdir: str) -> str:
+  """The pretraining checkpoint path: the given one, or one trained here (resumable)."""
+  if study.pretrain_checkpoint:
+    return study.pretrain_checkpoint
+  from configs import pretrain as pretrain_configs  # pylint: disable=g-import-not-at-top
+  from mae_jax import train  # pylint: disable=g-import-not-at-top
+  config = pretrain_configs.get_config(study.pretrain_preset)
+  config.dataset.data_dir = study.data_dir
+  config.dataset.regions = tuple(study.pretrain_regions)
+  if study.pretrain_steps:
+    config.total_steps = study.pretrain_steps
+  path = os.path.join(workdir, 'pretrain')
+  print(f'== Pretraining {study.pretrain_preset} for {config.total_steps} steps on '
+        f'{", ".join(study.pretrain_regions)} -> {path}', flush=True)
+  train.train_and_evaluate(config, path)
+  return path
+
+
+def finetune_config(study, task: str, init: str, fraction: float, lr: float, seed: int,
+                    checkpoint: str):
+  from configs import downstream  # pylint: disable=g-import-not-at-top
+  config = downstream.get_config(task, 'finetune', study.finetune_preset)
+  config.update(study.finetune_overrides.to_dict())
+  config.dataset.data_dir = study.data_dir
+  config.seed = seed
+  config.label_fraction = fraction
+  config.optim.base_lr = lr
+  config.init_checkpoint = checkpoint if init == 'pretrained' else ''
+  # Runs are short and rerun from scratch if interrupted: one checkpoint, at the end.
+  config.checkpoint.every_steps = 10**9
+  return config
+
+
+def run_once(study, workdir, task, init, fraction, lr, seed, checkpoint) -> dict[str, Any]:
+  """One fine-tuning run (or its saved result)."""
+  from mae_jax import finetune  # pylint: disable=g-import-not-at-top
+  path = run_dir(workdir, task, init, fraction, lr, seed)
+  done = os.path.join(path, 'final_metrics.json')
+  if not os.path.exists(done):
+    t0 = time.perf_counter()
+    finetune.finetune(finetune_config(study, task, init, fraction, lr, seed, checkpoint), path)
+    print(f'   {task} {init} {fraction:g} lr {lr:g} seed {seed}: '
+          f'{time.perf_counter() - t0:.0f} s', flush=True)
+  with open(done) as f:
+    return json.load(f)
+
+
+def rows_of(study, result: dict[str, Any], task, init, fraction, lr, seed) -> list[dict]:
+  """One results.csv row per test region: the headline metric plus the others."""
+  from data_pipeline import schema  # pylint: disable=g-import-not-at-top
+  from mae_jax import study_report  # pylint: disable=g-import-not-at-top
+  test = result['splits'][study.get('test_split', 'test')]
+  validation = result['splits'][study.get('validation_split', 'validation')]
+  rows = []
+  for region in study.test_regions:
+    if region not in schema.REGIONS + ('all',):
+      raise ValueError(f'unknown test region {region!r}; regions: {schema.REGIONS} or all')
+    if region not in test:
+      raise ValueError(f'the test split has no labelled {region} tiles')
+    m = test[region]
+    row = {'task': task, 'region': region, 'fraction': fraction, 'init': init, 'seed': seed,
+           'lr': lr, 'selected_step': result['selected_step'],
+           'num_train_examples': result['num_train_examples'],
+           'val_loss': validation['all']['loss']}
+    keys = ('rmse', 'mae', 'r2') if task == 'vcf' else ('miou', 'overall_accuracy')
+    row.update({k: m[k] for k in keys})
+    assert study_report.HEADLINE[task].metric in row
+    rows.append(row)
+  return rows
+
+
+def run_study(study, workdir: str) -> dict[str, str]:
+  from mae_jax import study_report  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'study_config.json'), 'w') as f:
+    f.write(study.to_json_best_effort(indent=2))
+  t0 = time.perf_counter()
+  checkpoint = pretrain_if_needed(study, workdir)
+  rows, selections = [], {}
+  seeds = list(study.seeds)
+  for task in study.tasks:
+    for fraction in study.fractions:
+      for init in INITS:
+        print(f'== {task}, {fraction * 100:g} % labels, {init}', flush=True)
+        sweep = {lr: run_once(study, workdir, task, init, fraction, lr, seeds[0], checkpoint)
+                 for lr in study.lr_sweep}
+        best_lr = min(sweep, key=lambda lr: sweep[lr]['splits']['validation']['all']['loss'])
+        selections[f'{task}/{init}/{fraction:g}'] = best_lr
+        for seed in seeds:
+          result = (sweep[best_lr] if seed == seeds[0] else
+                    run_once(study, workdir, task, init, fraction, best_lr, seed, checkpoint))
+          rows.extend(rows_of(study, result, task, init, fraction, best_lr, seed))
+  paths = study_report.write_report(rows, workdir)
+  with open(os.path.join(workdir, 'selected_lr.json'), 'w') as f:
+    json.dump(selections, f, indent=2, sort_keys=True)
+  minutes = (time.perf_counter() - t0) / 60
+  print(f'Study done in {minutes:.1f} min: ' + ', '.join(paths.values()), flush=True)
+  with open(paths['markdown']) as f:
+    print(f.read(), flush=True)
+  return paths
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from data_pipeline import input as data_input  # pylint: disable=g-import-not-at-top
+  data_input.configure_tensorflow()
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  run_study(_CONFIG.value, os.path.abspath(_WORKDIR.value))
+
+
+if __name__ == '__main__':
+  app.run(main)

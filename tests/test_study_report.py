@@ -1,0 +1,179 @@
+"""Tests for mae_jax.study_report: CSV, summary, label savings, Markdown table and plot."""
+
+import math
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from mae_jax import study_report
+
+FRACTIONS = study_report.FRACTIONS  # 0.001 .. 1
+
+
+def _summary(task, region, pretrained, scratch):
+  """A summary with given mean curves (callables of the fraction), one seed each."""
+  out = {}
+  for init, curve in (('pretrained', pretrained), ('scratch', scratch)):
+    for f in FRACTIONS:
+      m = curve(f)
+      out[(task, region, f, init)] = dict(metric='x', mean=m, std=float('nan'), min=m, max=m,
+                                          n_seeds=1)
+  return out
+
+
+def rmse_scratch(f):
+  return 20.0 - 3.0 * math.log10(f)  # lower is better, improves with more labels
+
+
+def miou_scratch(f):
+  return 0.7 + 0.1 * math.log10(f)  # higher is better
+
+
+@pytest.mark.parametrize('task,scratch', [('vcf', rmse_scratch), ('worldcover', miou_scratch)])
+def test_savings_known_factor_on_log_linear_curves(task, scratch):
+  # Pretrained at f equals scratch at 10 ** 0.5 f: it needs sqrt(10) times fewer labels.
+  shift = 10**0.5
+  summary = _summary(task, 'europe', lambda f: scratch(f * shift), scratch)
+  savings = study_report.label_savings(summary, task, 'europe')
+  assert list(savings) == list(FRACTIONS)
+  # Smallest fraction: the pretrained model at f_min is already better -> lower bound f / f_min.
+  assert savings[0.001] == pytest.approx(dict(factor=1.0, bound='lower', f_star=None,
+                                              scratch=scratch(0.001), upper=None))
+  # Scratch at 0.01 is reached by pretrained at 0.01 / sqrt(10), inside the grid (interpolated).
+  for f in (0.01, 0.1, 1.0):
+    assert savings[f]['bound'] == 'exact'
+    assert savings[f]['factor'] == pytest.approx(shift, rel=1e-9)
+    assert savings[f]['f_star'] == pytest.approx(f / shift, rel=1e-9)
+
+
+@pytest.mark.parametrize('task,scratch', [('vcf', rmse_scratch), ('worldcover', miou_scratch)])
+def test_savings_lower_bound_and_not_reached(task, scratch):
+  # Pretrained at f equals scratch at 10 f: exact factor 10 at grid points.
+  better = study_report.label_savings(_summary(task, 'r', lambda f: scratch(10 * f), scratch),
+                                      task, 'r')
+  assert [better[f]['bound'] for f in FRACTIONS] == ['lower', 'lower', 'exact', 'exact']
+  assert better[0.01]['factor'] == pytest.approx(10.0)  # reached at f_min: f / f_min, a bound
+  assert better[1.0]['factor'] == pytest.approx(10.0)
+  assert better[1.0]['f_star'] == pytest.approx(0.1)
+  # Pretrained at f equals scratch at f / 10: it needs 10x more labels, beyond the grid at f=1.
+  worse = study_report.label_savings(_summary(task, 'r', lambda f: scratch(f / 10), scratch),
+                                     task, 'r')
+  assert worse[0.1]['bound'] == 'exact'
+  assert worse[0.1]['factor'] == pytest.approx(0.1)
+  assert worse[1.0] == pytest.approx(dict(factor=None, bound='not reached', f_star=None,
+                                          scratch=scratch(1.0), upper=1.0))
+
+
+def test_savings_non_monotone_takes_first_crossing():
+  pretrained = dict(zip(FRACTIONS, [10.0, 8.0, 9.0, 5.0]))
+  scratch = dict(zip(FRACTIONS, [12.0, 11.0, 10.5, 8.5]))
+  summary = _summary('vcf', 'europe', pretrained.get, scratch.get)
+  savings = study_report.label_savings(summary, 'vcf', 'europe')
+  # 8.5 is first reached between 0.001 (10) and 0.01 (8): t = 0.75 of a decade above 1e-3.
+  assert savings[1.0]['f_star'] == pytest.approx(10**-2.25)
+  assert savings[1.0]['factor'] == pytest.approx(10**2.25)
+  # 10.5 is already reached at 0.001 (10 <= 10.5): lower bound 0.1 / 0.001.
+  assert savings[0.1] == pytest.approx(dict(factor=100.0, bound='lower', f_star=None,
+                                            scratch=10.5, upper=None))
+
+
+def _rows(seeds=3):
+  rng = np.random.default_rng(0)
+  rows = []
+  for task, base in (('vcf', 15.0), ('worldcover', 0.5)):
+    for region in ('south_america', 'europe'):
+      for f in FRACTIONS:
+        for init in ('scratch', 'pretrained'):
+          for seed in range(seeds):
+            value = base * (1 + 0.1 * rng.standard_normal())
+            row = {'task': task, 'region': region, 'fraction': f, 'init': init, 'seed': seed,
+                   'lr': 1e-3, 'best_step': int(rng.integers(100, 1000))}
+            row['rmse' if task == 'vcf' else 'miou'] = value
+            if task == 'vcf':
+              row['r2'] = 0.5
+            else:
+              row['overall_accuracy'] = 0.8
+            rows.append(row)
+  return rows
+
+
+def test_csv_round_trip(tmp_path):
+  rows = _rows()
+  path = tmp_path / 'results.csv'
+  study_report.write_csv(rows, path)
+  header = path.read_text().splitlines()[0].split(',')
+  assert header == ['task', 'region', 'fraction', 'init', 'seed', 'rmse', 'miou', 'best_step',
+                    'lr', 'overall_accuracy', 'r2']
+  back = study_report.read_csv(path)
+  assert back == rows
+  assert isinstance(back[0]['seed'], int) and isinstance(back[0]['fraction'], float)
+  assert os.listdir(tmp_path) == ['results.csv']  # no temporary file left behind
+
+
+def test_summary_matches_numpy():
+  rows = _rows()
+  summary = study_report.summarise(rows)
+  assert len(summary) == 2 * 2 * len(FRACTIONS) * 2
+  key = ('worldcover', 'south_america', 0.01, 'pretrained')
+  values = np.array([r['miou'] for r in rows
+                     if (r['task'], r['region'], r['fraction'], r['init']) == key])
+  assert summary[key] == pytest.approx(dict(metric='miou', mean=values.mean(),
+                                            std=values.std(ddof=1), min=values.min(),
+                                            max=values.max(), n_seeds=3))
+  with pytest.raises(ValueError, match='duplicate'):
+    study_report.summarise(rows + rows[:1])
+  with pytest.raises(ValueError, match='headline metric'):
+    study_report.summarise([{'task': 'vcf', 'region': 'europe', 'fraction': 1.0,
+                             'init': 'scratch', 'seed': 0, 'miou': 0.3}])
+
+
+def test_markdown_table():
+  summary = {}
+  summary.update(_summary('vcf', 'europe', lambda f: rmse_scratch(10 * f), rmse_scratch))
+  summary.update(_summary('worldcover', 'south_america', lambda f: miou_scratch(f / 10),
+                          miou_scratch))
+  # A second seed for one cell: mean ± std appears.
+  summary[('vcf', 'europe', 0.1, 'scratch')].update(std=0.5, n_seeds=2)
+  text = study_report.markdown_table(summary, study_report.all_label_savings(summary))
+  lines = text.splitlines()
+  assert '| Region | Labels (%) | Pretrained | Scratch | Difference | Label savings |' in lines
+  # Pretrained at 0.1 % is scratch at 1 %: 20 - 3 * (-2) = 26; scratch 20 + 9 = 29.
+  assert '| europe | 0.1 | 26.00 | 29.00 | -3.00 | >1x |' in lines
+  assert '| europe | 1 | 23.00 | 26.00 | -3.00 | >10x |' in lines
+  assert '| europe | 10 | 20.00 | 23.00 ± 0.50 | -3.00 | 10x |' in lines
+  assert '| south_america | 100 | 0.600 | 0.700 | -0.100 | n/r |' in lines
+  assert '| south_america | 10 | 0.500 | 0.600 | -0.100 | 0.1x |' in lines
+  assert 'RMSE (pp), lower is better' in text and 'mIoU, higher is better' in text
+  assert 'seeds (n = 1–2)' in text and 'seeds (n = 1)' in text
+
+
+def test_format_factor():
+  assert study_report.format_factor({'factor': 12.34, 'bound': 'exact'}) == '12.3x'
+  assert study_report.format_factor({'factor': 177.8, 'bound': 'exact'}) == '178x'
+  assert study_report.format_factor({'factor': 10.0, 'bound': 'lower'}) == '>10x'
+  assert study_report.format_factor({'factor': None, 'bound': 'not reached'}) == 'n/r'
+
+
+def test_plot_and_write_report(tmp_path):
+  rows = _rows(seeds=2)
+  summary = study_report.summarise(rows)
+  path = tmp_path / 'sub' / 'study.png'
+  figure = study_report.plot_study(summary, path)
+  assert len(figure.axes) == 4  # (vcf, worldcover) x (europe, south_america)
+  assert [ax.get_title() for ax in figure.axes] == [
+      'VCF — europe', 'VCF — south_america', 'WorldCover — europe', 'WorldCover — south_america']
+  assert figure.axes[0].get_xscale() == 'log'
+  assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ['0.1', '1', '10', '100']
+  assert figure.axes[0].get_ylabel() == 'RMSE (pp)' and figure.axes[2].get_ylabel() == 'mIoU'
+  assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  with Image.open(path) as image:
+    assert image.size[0] > 500 and image.size[1] > 500
+
+  paths = study_report.write_report(rows, tmp_path / 'report')
+  assert sorted(os.listdir(tmp_path / 'report')) == ['results.csv', 'results.md', 'study.png']
+  assert study_report.read_csv(paths['csv']) == rows
+  assert '| europe | 0.1 |' in open(paths['markdown']).read()
+  with Image.open(paths['plot']) as image:
+    image.verify()
