@@ -15,7 +15,7 @@ label-savings factors) and ``study.png``.
 
 Presets:
   * ``quick``: the embedded dataset (``make demo`` builds it, 128 px), the ``tiny`` model
-    pretrained here for ``pretrain_steps`` on the pretraining regions only, then 80 fine-tuning
+    pretrained here for ``pretrain_steps`` on the pretraining regions only, then 60 fine-tuning
     steps of batch 32 per run (64 runs); about 25 minutes on 2 CPU cores.
   * ``full``: the ``poster`` model and protocol (full fine-tuning, AdamW constant, 100 epochs,
     best validation step); point ``pretrain_checkpoint`` at a pretraining workdir.
@@ -46,7 +46,7 @@ def get_config(preset: str = 'quick') -> ml_collections.ConfigDict:
   if preset == 'quick':
     c.pretrain_steps = 600
     c.lr_sweep = (3e-4, 1e-3)
-    c.finetune_overrides.total_steps = 80
+    c.finetune_overrides.total_steps = 60
     c.finetune_overrides.eval_every_steps = 20
   elif preset == 'full':
     c.data_dir = ''
