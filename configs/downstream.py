@@ -90,6 +90,7 @@ def get_config(task: str, head_kind: str, arg: str) -> ml_collections.ConfigDict
   # Length: total_steps if > 0, else epochs over the (label-fraction) training set.
   c.total_steps = 0
   c.epochs = 100
+  c.stop_at_step = 0  # Stop early with a checkpoint (time-boxed jobs, resume tests); 0 = off.
   c.batch_size = 8
   c.optim = ml_collections.ConfigDict(dict(
       schedule='constant', base_lr=1.5e-4, scale_lr_by_batch=False, warmup_steps=0,

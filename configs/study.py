@@ -28,6 +28,7 @@ from data_pipeline import schema
 
 def get_config(preset: str = 'quick') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.preset = preset
   c.data_dir = 'data/synthetic_tiny'
   c.tasks = ('vcf', 'worldcover')
   c.fractions = (0.001, 0.01, 0.1, 1.0)

@@ -356,11 +356,14 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     report(f'{task} {config.head.kind}: {len(records)} training tiles '
            f'(label fraction {config.label_fraction}), steps {start_step} -> {total_steps}, '
            f'validation every {interval} steps; mesh {dict(mesh.shape)}.')
+    # stop_at_step ends this process early (with a checkpoint); the schedule still follows
+    # total_steps and a later run on the workdir resumes exactly.
+    stop_step = min(total_steps, config.get('stop_at_step', 0) or total_steps)
     batches = train_data.batches(local_batch, seed=config.seed, start_step=start_step,
-                                 num_steps=max(total_steps - start_step, 0),
+                                 num_steps=max(stop_step - start_step, 0),
                                  shuffle_buffer=config.dataset.shuffle_buffer, features=features)
     last: dict[str, Any] = {}
-    for step in range(start_step, total_steps):
+    for step in range(start_step, stop_step):
       state, metrics = step_fn(state, data_input.global_batch(next(batches), batch_sharding),
                                seed)
       done = step + 1
@@ -369,16 +372,21 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                     'batch_stats': state['batch_stats']})
         state = best_fn(state, jnp.float32(val_loss))
         last['val_loss'] = val_loss
-      if done % config.log_every_steps == 0 or done in (start_step + 1, total_steps):
+      if done % config.log_every_steps == 0 or done in (start_step + 1, stop_step):
         metrics = jax.device_get(metrics)
         if not np.isfinite(metrics['loss']):
           raise FloatingPointError(f'non-finite loss {metrics["loss"]} at step {done}')
         last.update({k: float(v) for k, v in metrics.items()})
         writer.write_scalars(done, last)
         writer.flush()
-      if done % config.checkpoint.every_steps == 0 or done == total_steps:
+      if done % config.checkpoint.every_steps == 0 or done == stop_step:
         checkpointer.save(done, state, metadata, force=True)
     checkpointer.close()
+    if stop_step < total_steps:
+      writer.close()
+      report(f'Stopped at step {stop_step} of {total_steps} (config.stop_at_step); run again '
+             'to resume.')
+      return {'step': stop_step, 'stopped': True}
 
     # --- Final evaluation of the selected model ---------------------------------------------
     chosen = state['best'] if config.select_best else state

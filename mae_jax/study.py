@@ -1,6 +1,7 @@
 r"""Runs the label-efficiency study (configs/study.py) and writes its table and plots.
 
   python -m mae_jax.study --config configs/study.py:quick --workdir workdirs/study_quick
+  python -m mae_jax.study --quick --workdir workdirs/study_quick   # the same
 
 Steps: (1) pretrain on the pretraining regions unless ``pretrain_checkpoint`` is given;
 (2) for each task, label fraction and init (pretrained / scratch), sweep ``lr_sweep`` on the
@@ -26,6 +27,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/study.py:quick',
                                           'Study config file[:preset].', lock_config=False)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Study folder (runs, results.csv, plots).')
+_QUICK = flags.DEFINE_bool('quick', False, 'Insist on the quick preset (the default config); an '
+                           'error with --config=...:full.')
 flags.mark_flags_as_required(['workdir'])
 
 INITS = ('pretrained', 'scratch')
@@ -145,7 +148,10 @@ def main(argv):
   data_input.configure_tensorflow()
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  run_study(_CONFIG.value, os.path.abspath(_WORKDIR.value))
+  config = _CONFIG.value
+  if _QUICK.value and config.preset != 'quick':
+    raise app.UsageError(f'--quick but --config is the {config.preset!r} preset')
+  run_study(config, os.path.abspath(_WORKDIR.value))
 
 
 if __name__ == '__main__':

@@ -80,7 +80,8 @@ def initial_state(config):
   return state, shardings
 
 
-@pytest.mark.parametrize('mesh', [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=2, tensor=2)])
+@pytest.mark.parametrize('mesh', [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=2, tensor=2),
+                                  dict(data=2, fsdp=2, tensor=1, num_devices=4)])
 def test_restores_exactly_the_pretrained_encoder_and_a_fresh_head(pretrained, mesh):
   config = finetune_config(pretrained, 'worldcover', mesh=mesh)
   state, shardings = initial_state(config)
@@ -280,3 +281,28 @@ def test_study_grid_selects_lr_on_validation_and_resumes(pretrained, tmp_path):
   again = study.run_study(config, workdir)
   assert study_report.read_csv(again['csv']) == rows
   assert os.stat(marker).st_mtime_ns == before
+
+
+def test_interrupted_finetuning_resumes_to_the_same_params(pretrained, tmp_path):
+  config = finetune_config(pretrained, 'worldcover')
+  config.model.drop_path_rate = 0.1  # Resumed drop-path draws must match too.
+  config.checkpoint.every_steps = 1000
+  whole = finetune.finetune(config, str(tmp_path / 'whole'))
+  config.stop_at_step = 3
+  assert finetune.finetune(config, str(tmp_path / 'split')) == {'step': 3, 'stopped': True}
+  config.stop_at_step = 0
+  resumed = finetune.finetune(config, str(tmp_path / 'split'))
+  assert resumed['selected_step'] == whole['selected_step']
+  assert resumed['splits'] == whole['splits']
+  directory_a, step_a = ckpt_lib.locate(str(tmp_path / 'whole'))
+  directory_b, step_b = ckpt_lib.locate(str(tmp_path / 'split'))
+  assert step_a == step_b == 4
+  config.init_checkpoint = ''
+  fresh, _ = initial_state(config)
+  target = {'params': jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), fresh['params'])}
+  params_a = ckpt_lib.restore_subtree(directory_a, 4, target)['params']
+  params_b = ckpt_lib.restore_subtree(directory_b, 4, target)['params']
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params_a),
+               jax.device_get(params_b))  # Bitwise (on the same mesh; another mesh changes
+  # the order of reductions, hence float rounding).
