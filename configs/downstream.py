@@ -30,8 +30,8 @@ PROTOCOLS = ('poster', 'mae', 'linear_probe')
 def head_options(task: str, head_kind: str, preset: str) -> dict:
   """Sizes of the head module (fields of mae_jax.models.heads); small ones for ``tiny``."""
   tiny = preset == 'tiny'
-  if head_kind == 'linear_probe':
-    return {}
+  if head_kind == 'linear_probe':  # VCF: the cls token or the mean patch token ('mean').
+    return {'pool': 'cls'} if task == 'vcf' else {}
   if task == 'vcf':  # Authors: tokens 785 -> 196, width 768 -> 192, then 512, 256, 128, 1.
     return {'hidden': (128, 64, 32)} if tiny else {}
   # SETR-PUP: 256 channels per stage; 16 for tiny, where the 128 px stages would otherwise cost
@@ -127,4 +127,8 @@ def get_config(task: str, head_kind: str, arg: str) -> ml_collections.ConfigDict
     c.checkpoint.every_steps = 50
     if protocol == 'poster':
       c.optim.base_lr = 3e-4
+    elif protocol == 'linear_probe':  # Short: one warmup epoch, peak lr 1e-2 at batch 32.
+      c.total_steps = 300
+      c.eval_every_steps = 50
+      c.optim.update(base_lr=1e-2 * 256 / 32, warmup_epochs=1.0)
   return c

@@ -225,9 +225,12 @@ class LinearProbeHead(nn.Module):
   BatchNorm only standardises the frozen features with batch (train) or running (eval)
   statistics. Both task outputs stay linear in the features:
 
-  * ``task='vcf'``: the cls token (B, D) -> Dense(1) -> (B,) float32 percent tree cover. There
-    is deliberately no sigmoid (a linear probe stays linear), so the output is unbounded and
-    can leave [0, 100]; clip it at evaluation time if a bounded prediction is needed.
+  * ``task='vcf'``: the cls token (B, D) -> Dense(1) -> x 100 -> (B,) float32 percent tree
+    cover. The layer predicts a tree-cover *fraction*: with weights ~N(0, 0.01) and Adam steps
+    of about lr each, an output in percent would need thousands of steps just to reach the
+    targets' scale (tens of percent), and a short probe would measure that, not the features.
+    There is deliberately no sigmoid (a linear probe stays linear), so the output is unbounded
+    and can leave [0, 100]; clip it at evaluation time if a bounded prediction is needed.
   * ``task='worldcover'``: the patch tokens (B, L, D) (cls dropped), BatchNorm over (B, L),
     Dense(num_classes) per token -> (B, g, g, C) -> bilinear upsampling (a fixed linear map per
     pixel) to (B, image_size, image_size, num_classes) float32 logits.
@@ -235,17 +238,24 @@ class LinearProbeHead(nn.Module):
   task: str = 'vcf'
   num_classes: int = schema.NUM_CLASSES
   image_size: int = 448
+  # VCF feature: 'cls' (the cls token, He et al.'s default) or 'mean' (the mean of the patch
+  # tokens, their --global_pool option).
+  pool: str = 'cls'
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, tokens: jax.Array, train: bool) -> jax.Array:
+    if self.pool not in ('cls', 'mean'):
+      raise ValueError(f"LinearProbeHead pool must be 'cls' or 'mean', got {self.pool!r}")
     if self.task not in TASKS:
       raise ValueError(f'LinearProbeHead task must be one of {TASKS}, got {self.task!r}')
     _check_tokens(tokens)
     init = nn.initializers.truncated_normal(0.01)
     if self.task == 'vcf':
-      x = _batch_norm(train, self.dtype, 'bn', affine=False)(tokens[:, 0].astype(self.dtype))
-      return _dense(1, ('embed', None), self.dtype, 'head', init)(x)[:, 0].astype(jnp.float32)
+      feature = tokens[:, 0] if self.pool == 'cls' else tokens[:, 1:].mean(axis=1)
+      x = _batch_norm(train, self.dtype, 'bn', affine=False)(feature.astype(self.dtype))
+      fraction = _dense(1, ('embed', None), self.dtype, 'head', init)(x)[:, 0]
+      return 100.0 * fraction.astype(jnp.float32)
     batch = tokens.shape[0]
     grid = _grid_size(tokens.shape[1] - 1)
     x = _batch_norm(train, self.dtype, 'bn', affine=False)(tokens[:, 1:].astype(self.dtype))
