@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
+
+from mae_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:preset].',
                                           lock_config=True)
@@ -24,14 +25,7 @@ flags.mark_flags_as_required(['config'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  # Imported here so --help stays fast and TensorFlow is configured before any use.
-  from data_pipeline import input as data_input  # pylint: disable=g-import-not-at-top
-  data_input.configure_tensorflow()
-  if not flags.FLAGS['verbosity'].present:
-    # Orbax and TFDS log every save and read at INFO; keep stdout for our progress lines.
-    logging.set_verbosity(logging.WARNING)
+  cli.start_process(argv)
   config = _CONFIG.value
   task = config.get('task', 'pretrain')
   if task != 'evaluate' and not _WORKDIR.value:

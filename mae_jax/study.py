@@ -21,8 +21,9 @@ from typing import Any
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
+
+from mae_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/study.py:quick',
                                           'Study config file[:preset].', lock_config=False)
@@ -142,12 +143,7 @@ def run_study(study, workdir: str) -> dict[str, str]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from data_pipeline import input as data_input  # pylint: disable=g-import-not-at-top
-  data_input.configure_tensorflow()
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
+  cli.start_process(argv)
   config = _CONFIG.value
   if _QUICK.value and config.preset != 'quick':
     raise app.UsageError(f'--quick but --config is the {config.preset!r} preset')

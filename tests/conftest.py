@@ -21,12 +21,11 @@ def tiny_dataset(tmp_path_factory):
   return path
 
 
-@pytest.fixture
-def tiny_config(tiny_dataset):
-  """The tiny preset shrunk to 32 px tiles and a few steps, on the session dataset."""
+def make_tiny_config(data_dir):
+  """The tiny preset shrunk to 32 px tiles and a few steps, on ``data_dir``."""
   import configs.pretrain as pretrain  # pylint: disable=g-import-not-at-top
   config = pretrain.get_config('tiny')
-  config.dataset.data_dir = tiny_dataset
+  config.dataset.data_dir = data_dir
   config.dataset.shuffle_buffer = 16
   config.model.image_size = TILE_SIZE
   config.model.encoder.update(dict(width=32, depth=2, heads=2, mlp_dim=64))
@@ -38,3 +37,9 @@ def tiny_config(tiny_dataset):
   config.checkpoint.every_steps = 1000
   config.checkpoint.async_save = False
   return config
+
+
+@pytest.fixture
+def tiny_config(tiny_dataset):
+  """:func:`make_tiny_config` on the session dataset."""
+  return make_tiny_config(tiny_dataset)

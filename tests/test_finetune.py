@@ -25,18 +25,8 @@ from mae_jax.models import mae
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory, tiny_dataset):
   """A 3-step tiny pretraining workdir on the session dataset."""
-  from tests.conftest import TILE_SIZE  # pylint: disable=g-import-not-at-top
-  import configs.pretrain as pretrain  # pylint: disable=g-import-not-at-top
-  config = pretrain.get_config('tiny')
-  config.dataset.data_dir = tiny_dataset
-  config.dataset.shuffle_buffer = 16
-  config.model.image_size = TILE_SIZE
-  config.model.encoder.update(dict(width=32, depth=2, heads=2, mlp_dim=64))
-  config.model.decoder.update(dict(width=32, depth=1, heads=2, mlp_dim=64))
-  config.batch_size = 8
-  config.total_steps = 3
-  config.image_every_steps = 1000
-  config.checkpoint.async_save = False
+  from tests.conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
+  config = make_tiny_config(tiny_dataset)
   workdir = str(tmp_path_factory.mktemp('pretrain'))
   train.train_and_evaluate(config, workdir)
   return workdir, config
