@@ -278,7 +278,9 @@ def evaluate_checkpoint(eval_config, workdir: str | None = None) -> dict[str, An
     images = tiles[schema.IMAGE]
     predictions = np.asarray(predict(variables, images))
     if task == 'worldcover':
-      predictions = predictions.argmax(-1)
+      # Pixels without any valid input are no-data in the picture, as in the label.
+      no_data = np.isnan(images.astype(np.float32)).all(axis=-1)
+      predictions = np.where(no_data, schema.IGNORE_INDEX, predictions.argmax(-1))
     pictures[split] = prediction_figure(task, images, tiles[label_feature(task)], predictions)
   results.update({'checkpoint': f'{directory}/{step}', 'step': step, 'task_name': task,
                   'head_kind': config.head.kind, 'weights': source or 'last',
