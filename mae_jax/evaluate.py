@@ -103,10 +103,8 @@ def accumulate(eval_fn, variables, batches: Iterable[dict[str, np.ndarray]], sha
       for key in (schema.IMAGE, schema.VCF, schema.WORLDCOVER):
         if key in host_batch:
           examples.setdefault(key, []).append(np.array(host_batch[key][real]))
-    stats = jax.device_get(eval_fn(variables, data_input.global_batch(host_batch, sharding)))
-    stats = {k: np.asarray(v, np.int64 if k == 'confusion' else np.float64)
-             for k, v in stats.items()}
-    totals = stats if totals is None else {k: totals[k] + stats[k] for k in totals}
+    stats = eval_fn(variables, data_input.global_batch(host_batch, sharding))
+    totals = metrics_lib.add_sums(totals, jax.device_get(stats))
   kept = {k: np.concatenate(v)[:keep_images] for k, v in examples.items()}
   return totals, kept
 
@@ -127,6 +125,23 @@ def finalise(task: str, totals: dict[str, np.ndarray]) -> dict[str, dict[str, An
       entry['confusion_matrix'] = totals['confusion'][i].tolist()
     out[name] = entry
   return out
+
+
+def evaluate_splits(task: str, data_dir: str, eval_fn, variables, batch_sharding,
+                    eval_batch: int, splits, features, keep_images: int = 0):
+  """{'splits': {split: {region: metrics}}} plus, with keep_images, the kept tiles per split."""
+  results: dict[str, Any] = {'splits': {}}
+  kept = {}
+  for split in splits:
+    data = data_input.HostDataset(data_dir, split)
+    totals, kept[split] = accumulate(
+        eval_fn, variables, data.eval_batches(eval_batch // jax.process_count(),
+                                              features=features),
+        batch_sharding, keep_images=keep_images)
+    results['splits'][split] = finalise(task, totals)
+  if keep_images:
+    results['_kept'] = kept
+  return results
 
 
 def predict_fn(model, mean, std):
@@ -265,10 +280,9 @@ def evaluate_checkpoint(eval_config, workdir: str | None = None) -> dict[str, An
     variables = restored[source] if source else restored
     eval_fn = make_eval_fn(model, mean, std, task)
     features = (schema.IMAGE, label_feature(task), schema.REGION)
-    results = finetune.evaluate_splits(config, eval_fn, variables,
-                                       sharding.batch_sharding(mesh), batch,
-                                       tuple(eval_config.splits), features,
-                                       keep_images=eval_config.num_images)
+    results = evaluate_splits(task, config.dataset.data_dir, eval_fn, variables,
+                              sharding.batch_sharding(mesh), batch, tuple(eval_config.splits),
+                              features, keep_images=eval_config.num_images)
   kept = results.pop('_kept')
   pictures = {}
   predict = predict_fn(model, mean, std)

@@ -37,6 +37,7 @@ from mae_jax import evaluate
 from mae_jax import optim
 from mae_jax import preprocess
 from mae_jax import sharding
+from mae_jax import state as state_lib
 from mae_jax import train as pretrain_lib
 from mae_jax import validate
 from mae_jax import writers
@@ -123,11 +124,8 @@ def state_shardings(model, tx, mesh, rules):
   abstract_params = abstract_vars['params']
   abstract_stats = abstract_vars.get('batch_stats', {})
   replicated = sharding.replicated(mesh)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_sharding = optax.tree_map_params(
-      tx, lambda _, s: s, abstract_opt, var_shardings['params'],
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+  abstract_opt, opt_sharding = state_lib.optimizer_shardings(tx, abstract_params,
+                                                             var_shardings['params'], mesh)
   scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
   abstract = {'step': scalar(jnp.int32), 'params': abstract_params, 'batch_stats': abstract_stats,
               'opt_state': abstract_opt,
@@ -392,9 +390,9 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     chosen = state['best'] if config.select_best else state
     variables = {'params': chosen['params'], 'batch_stats': chosen['batch_stats']}
     best_step = int(jax.device_get(state['best']['step'])) if config.select_best else total_steps
-    results = evaluate_splits(config, eval_fn, variables, batch_sharding, eval_batch,
-                              (config.dataset.validation_split, config.dataset.test_split),
-                              eval_features)
+    results = evaluate.evaluate_splits(
+        task, config.dataset.data_dir, eval_fn, variables, batch_sharding, eval_batch,
+        (config.dataset.validation_split, config.dataset.test_split), eval_features)
     results.update({'step': total_steps, 'selected_step': best_step, 'task_name': task,
                     'init_checkpoint': init_from, 'label_fraction': config.label_fraction,
                     'num_train_examples': len(records)})
@@ -412,21 +410,3 @@ def finetune_architecture(config) -> dict[str, Any]:
           'head_kind': config.head.kind, 'head_options': config.head.options.to_dict(),
           'freeze_encoder': config.freeze_encoder,
           'layer_decay': config.optim.get('layer_decay', 1.0)}
-
-
-def evaluate_splits(config, eval_fn, variables, batch_sharding, eval_batch, splits, features,
-                    keep_images: int = 0):
-  """{'splits': {split: {region: metrics}}} plus, with keep_images, the kept tiles per split."""
-  results: dict[str, Any] = {'splits': {}}
-  kept = {}
-  for split in splits:
-    data = data_input.HostDataset(config.dataset.data_dir, split)
-    totals, kept[split] = evaluate.accumulate(
-        eval_fn, variables, data.eval_batches(eval_batch // jax.process_count(),
-                                              features=features),
-        batch_sharding, keep_images=keep_images)
-    results['splits'][split] = evaluate.finalise(config.task_name, totals)
-  if keep_images:
-    results['_kept'] = kept
-  return results
-

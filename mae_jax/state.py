@@ -42,15 +42,23 @@ def param_shardings(model: nn.Module, mesh: Mesh, rules) -> tuple[Any, Any]:
   return abstract, sharding.logical_to_shardings(specs, mesh, rules)
 
 
+def optimizer_shardings(tx: optax.GradientTransformation, abstract_params, params_sharding,
+                        mesh: Mesh):
+  """(abstract optimiser state, its shardings): per-param entries (moments) mirror their param's
+  sharding, the rest (counts) is replicated."""
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_sharding = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, params_sharding,
+      transform_non_params=lambda _: NamedSharding(mesh, P()),
+      is_leaf=lambda x: isinstance(x, NamedSharding))
+  return abstract_opt, opt_sharding
+
+
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules):
   """(abstract state, state shardings) for ``model`` and ``tx`` on ``mesh``."""
   abstract_params, params_sharding = param_shardings(model, mesh, rules)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  abstract_opt, opt_sharding = optimizer_shardings(tx, abstract_params, params_sharding, mesh)
   replicated = NamedSharding(mesh, P())
-  opt_sharding = optax.tree_map_params(
-      tx, lambda _, s: s, abstract_opt, params_sharding,
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, NamedSharding))
   abstract = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract_params,
               'opt_state': abstract_opt}
   shardings = {'step': replicated, 'params': params_sharding, 'opt_state': opt_sharding}
