@@ -3,6 +3,7 @@ r"""Training read path throughput: TFRecord shards -> host batches, against read
   python bench/bench_input.py                      # builds 256 synthetic 448 px tiles in a temp dir
   python bench/bench_input.py --data_dir DIR       # an existing dataset (e.g. real tiles)
   python bench/bench_input.py --readers local --no_cold
+  python bench/bench_input.py --readers local --no_cold --verify_checksums
 
 Times ``data_pipeline.input.HostDataset.batches`` (the call ``mae_jax.train`` makes: shuffled
 float16 ``image`` batches) over the ``train`` split, per reader, and compares it with simply
@@ -20,6 +21,11 @@ machine hits both sides of a ratio alike. Per-core figures divide by the cores t
 run on (``os.sched_getaffinity``); tiles per CPU-second (user + system time of all threads,
 ``time.process_time``) say how much CPU the path burns. The local reader's one-off scan of
 record headers (kept for the run) is timed separately and not included in the passes.
+``--verify_checksums`` adds the local reader with ``verify_checksums=True`` as reader
+``local+crc``, timed in the same alternation as the others. It checks each record's payload CRC
+the first time a dataset reads it, so each of its passes opens a fresh dataset (outside the
+timing, header scan included): with ``--warm_epochs 1`` every timed epoch checks every record,
+with more the later epochs of a pass read on the fast path.
 """
 
 from __future__ import annotations
@@ -100,6 +106,8 @@ def main():
   parser.add_argument('--warm_epochs', type=int, default=2, help='epochs per warm read-path pass')
   parser.add_argument('--readers', default='local,tf', help='comma-separated HostDataset readers')
   parser.add_argument('--no_cold', action='store_true', help='skip the cold-cache measurements')
+  parser.add_argument('--verify_checksums', action='store_true',
+                      help='also time the local reader with verify_checksums=True (local+crc)')
   args = parser.parse_args()
   command = 'python ' + ' '.join(shlex.quote(a) for a in sys.argv)
   print(f'command: {command}')
@@ -118,6 +126,15 @@ def main():
     datasets = {reader: data_input.HostDataset(data_dir, 'train', process_index=0,
                                                process_count=1, reader=reader)
                 for reader in args.readers.split(',')}
+    fresh = {}  # Readers that get a new dataset for every pass.
+    if args.verify_checksums:
+      def verifying():
+        dataset = data_input.HostDataset(data_dir, 'train', process_index=0, process_count=1,
+                                         reader='local', verify_checksums=True)
+        dataset._record_locations()  # pylint: disable=protected-access
+        return dataset
+      fresh['local+crc'] = verifying
+      datasets['local+crc'] = verifying()
     some = next(iter(datasets.values()))
     paths = sorted({path for path, *_ in some.file_instructions})
     file_bytes = sum(os.path.getsize(p) for p in paths)
@@ -159,6 +176,8 @@ def main():
           prepare()
           raw[threads].append(raw_pass(paths, threads))
         for reader, dataset in datasets.items():
+          if reader in fresh:
+            dataset = fresh[reader]()
           prepare()
           seconds, cpu = read_path_pass(dataset, args.batch, steps * epochs, seed=repeat + 1)
           timed[reader][0].append(seconds)

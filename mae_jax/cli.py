@@ -6,11 +6,15 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from mae_jax import distributed
+
 
 def start_process(argv) -> None:
-  """Rejects stray arguments, configures TensorFlow for host-only input, quiets library logs."""
+  """Rejects stray arguments, joins a multi-process job if asked, configures TensorFlow for
+  host-only input and quiets library logs."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  distributed.initialize()
   # Imported here so --help stays fast and TensorFlow is configured before any use.
   from data_pipeline import input as data_input  # pylint: disable=g-import-not-at-top
   data_input.configure_tensorflow()

@@ -34,6 +34,7 @@ from data_pipeline import schema
 from data_pipeline import subsets
 from mae_jax import checkpoint as ckpt_lib
 from mae_jax import evaluate
+from mae_jax import faults
 from mae_jax import optim
 from mae_jax import preprocess
 from mae_jax import sharding
@@ -95,9 +96,26 @@ def train_step(state, batch, seed, *, model, tx, schedule, mean, std, task):
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
-  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(step)}
-  return {**state, 'step': step + 1, 'params': params, 'batch_stats': batch_stats,
-          'opt_state': opt_state}, metrics
+  grad_norm = optax.tree.norm(grads)
+  # As in pretraining: a non-finite step changes nothing and the host stops (faults.check_step).
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new = {'params': params, 'batch_stats': batch_stats, 'opt_state': opt_state}
+  new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new,
+                     {k: state[k] for k in ('params', 'batch_stats', 'opt_state')})
+  metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(step), 'finite': finite,
+             **faults.step_signals(batch)}
+  return {**state, 'step': step + 1, **new}, metrics
+
+
+def no_data_batch(task: str, local_batch: int, dataset) -> dict[str, np.ndarray]:
+  """A batch of the training keys and shapes with no valid input or label (faults.Feed)."""
+  size, channels = dataset.tile_size, dataset.num_channels
+  images = np.full((local_batch, size, size, channels), np.nan, np.float16)
+  if task == 'vcf':
+    labels = np.full((local_batch,), np.nan, np.float32)
+  else:
+    labels = np.full((local_batch, size, size), schema.IGNORE_INDEX, np.uint8)
+  return {schema.IMAGE: images, evaluate.label_feature(task): labels}
 
 
 def keep_best(state, loss):
@@ -313,7 +331,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir),
                                        keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  last_saved = checkpointer.latest_step()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules), faults.StopSignal() as stop_signal:
     state, state_sharding, contract, init_from = setup_state(config, eval_model, tx, mesh, rules,
                                                              checkpointer, contract)
     # The encoder keeps the normalisation it was pretrained with; scratch uses this dataset's.
@@ -360,26 +379,47 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     batches = train_data.batches(local_batch, seed=config.seed, start_step=start_step,
                                  num_steps=max(stop_step - start_step, 0),
                                  shuffle_buffer=config.dataset.shuffle_buffer, features=features)
+    feed = faults.Feed(batches, lambda: no_data_batch(task, local_batch, train_data), stop_signal)
     last: dict[str, Any] = {}
+    pending = None  # As in pretraining: step t is checked after step t+1 is dispatched.
+    stop_requested = False
     for step in range(start_step, stop_step):
-      state, metrics = step_fn(state, data_input.global_batch(next(batches), batch_sharding),
+      state, metrics = step_fn(state, data_input.global_batch(feed.next(step), batch_sharding),
                                seed)
       done = step + 1
+      stop_requested = False
+      if pending is not None:
+        stop_requested = bool(faults.check_step(*pending, feed, last_saved)['stop_requested'])
+      pending = (done, metrics)
       if done % interval == 0 or done == total_steps:
         val_loss = validation_loss({'params': state['params'],
                                     'batch_stats': state['batch_stats']})
         state = best_fn(state, jnp.float32(val_loss))
         last['val_loss'] = val_loss
-      if done % config.log_every_steps == 0 or done in (start_step + 1, stop_step):
-        metrics = jax.device_get(metrics)
-        if not np.isfinite(metrics['loss']):
-          raise FloatingPointError(f'non-finite loss {metrics["loss"]} at step {done}')
-        last.update({k: float(v) for k, v in metrics.items()})
-        writer.write_scalars(done, last)
-        writer.flush()
-      if done % config.checkpoint.every_steps == 0 or done == stop_step:
+      save_now = done % config.checkpoint.every_steps == 0 or done == stop_step or stop_requested
+      log_now = done % config.log_every_steps == 0 or done in (start_step + 1, stop_step)
+      if save_now or log_now:
+        values = faults.check_step(*pending, feed, last_saved)
+        pending = None
+        stop_requested = stop_requested or bool(values['stop_requested'])
+        save_now = save_now or stop_requested
+        if log_now or stop_requested:
+          last.update({k: float(values[k]) for k in ('loss', 'grad_norm', 'lr')})
+          writer.write_scalars(done, last)
+          writer.flush()
+      if save_now:
         checkpointer.save(done, state, metadata, force=True)
-    checkpointer.close()
+        last_saved = done
+      if stop_requested:
+        stop_step = done
+        break
+    checkpointer.close()  # Waits until every save is committed.
+    if stop_requested:
+      writer.close()
+      report(f'Stopped by {stop_signal.name or "SIGTERM on another process"} at step '
+             f'{stop_step}: checkpoint committed to {checkpointer.directory}/{stop_step}; run the '
+             'same command again to resume.')
+      return {'step': stop_step, 'stopped': True}
     if stop_step < total_steps:
       writer.close()
       report(f'Stopped at step {stop_step} of {total_steps} (config.stop_at_step); run again '

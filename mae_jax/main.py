@@ -16,6 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from mae_jax import cli
+from mae_jax import distributed
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:preset].',
                                           lock_config=True)
@@ -26,19 +27,23 @@ flags.mark_flags_as_required(['config'])
 
 def main(argv):
   cli.start_process(argv)
-  config = _CONFIG.value
+  with distributed.exit_on_error():
+    run(_CONFIG.value, _WORKDIR.value)
+
+
+def run(config, workdir) -> None:
   task = config.get('task', 'pretrain')
-  if task != 'evaluate' and not _WORKDIR.value:
+  if task != 'evaluate' and not workdir:
     raise app.UsageError('--workdir is required (evaluation alone defaults to the checkpoint\'s)')
   if task == 'pretrain':
     from mae_jax import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(config, _WORKDIR.value)
+    train.train_and_evaluate(config, workdir)
   elif task == 'finetune':
     from mae_jax import finetune  # pylint: disable=g-import-not-at-top
-    finetune.finetune(config, _WORKDIR.value)
+    finetune.finetune(config, workdir)
   elif task == 'evaluate':
     from mae_jax import evaluate  # pylint: disable=g-import-not-at-top
-    evaluate.evaluate_checkpoint(config, _WORKDIR.value)
+    evaluate.evaluate_checkpoint(config, workdir)
   else:
     raise app.UsageError(f'unknown config.task {task!r}')
 

@@ -24,6 +24,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from mae_jax import cli
+from mae_jax import distributed
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/study.py:quick',
                                           'Study config file[:preset].', lock_config=False)
@@ -147,7 +148,8 @@ def main(argv):
   config = _CONFIG.value
   if _QUICK.value and config.preset != 'quick':
     raise app.UsageError(f'--quick but --config is the {config.preset!r} preset')
-  run_study(config, os.path.abspath(_WORKDIR.value))
+  with distributed.exit_on_error():
+    run_study(config, os.path.abspath(_WORKDIR.value))
 
 
 if __name__ == '__main__':

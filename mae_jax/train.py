@@ -1,9 +1,22 @@
 """MAE pretraining: a linear trainer in labelled sections (mesh, data, model, state, loop).
 
 ``train_and_evaluate(config, workdir)`` trains ``config.total_steps`` steps, resuming from the
-latest checkpoint in ``workdir`` if there is one. Every random draw derives from
-(config.seed, step), and the data stream is a deterministic function of (seed, step), so a
-resumed run reproduces an uninterrupted one exactly, on any mesh.
+latest checkpoint in ``workdir`` if there is one.
+
+Exact resume. Every random draw derives from (config.seed, step), and the input stream is a
+function of (seed, step) alone (``data_pipeline.data_shards``): batch ``t`` is read by
+positions computed from ``t``, so the checkpoint's step *is* the input position, restored with
+the state at no I/O cost, not a reshuffle. The checkpoint also records the stream's layout
+(data shards and their sizes, reader, seed, batch); a resume whose layout differs is refused
+(``config.dataset.allow_new_data_order`` overrides). A resumed run therefore reproduces an
+uninterrupted one bitwise on the same mesh (on another mesh, up to reduction order).
+
+Faults. SIGTERM/SIGINT: a checkpoint at the next step boundary, committed before exit 0. A
+non-finite loss or gradient: the step leaves the state unchanged, training stops with the step
+number, nothing more is saved, so the latest checkpoint is the last good one. A batch that
+cannot be read: the reader's error (file, record), or, with ``config.dataset.max_bad_records``,
+a counted skip. Across processes all of these are agreed at the same step through the batch's
+``CONTROL`` column (``mae_jax.faults``), so no host is left waiting for another.
 """
 
 from __future__ import annotations
@@ -22,11 +35,14 @@ import numpy as np
 import optax
 from etils import epath
 
+from data_pipeline import data_shards as data_shards_lib
 from data_pipeline import input as data_input
 from data_pipeline import render
 from data_pipeline import schema
 from data_pipeline import subsets
 from mae_jax import checkpoint as ckpt_lib
+from mae_jax import distributed
+from mae_jax import faults
 from mae_jax import flops as flops_lib
 from mae_jax import optim
 from mae_jax import plots
@@ -94,7 +110,15 @@ def train_step(state, batch, *, model, tx, schedule, mean, std, seed, accum_step
     loss, grads = loss / accum_steps, jax.tree.map(lambda g: g / accum_steps, grads)
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
-  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(step)}
+  grad_norm = optax.tree.norm(grads)
+  # A non-finite loss or gradient leaves params and optimiser state as they were, so the state
+  # the trainer may still save is the last good one; the host stops on seeing `finite` false.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep_good = lambda new, old: jnp.where(finite, new, old)
+  params = jax.tree.map(keep_good, params, state['params'])
+  opt_state = jax.tree.map(keep_good, opt_state, state['opt_state'])
+  metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(step), 'finite': finite,
+             **faults.step_signals(batch)}
   return {'step': step + 1, 'params': params, 'opt_state': opt_state}, metrics
 
 
@@ -152,12 +176,15 @@ class Throughput:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) pretraining; returns the last logged metrics."""
+  """Runs (or resumes) pretraining; returns the last logged metrics (plus 'stopped_by' when a
+  signal stopped it early)."""
   workdir = resolve_workdir(workdir)
   # --- Config, mesh and data -------------------------------------------------------------
   validate.check_model(config.model)
   mesh = sharding.create_mesh(config.mesh)
   validate.check_batch(config, sharding.data_parallel_size(mesh), jax.process_count())
+  batch_sharding = sharding.batch_sharding(mesh)
+  validate.check_process_rows(batch_sharding, config.batch_size, jax.process_count())
   rules = sharding.rules_from_config(config.logical_rules)
   if not config.dataset.data_dir:
     raise validate.ConfigError('config.dataset.data_dir is empty: point it at a dataset written '
@@ -169,13 +196,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     records = subsets.select_records(index, regions=tuple(config.dataset.regions))
     report(f'Pretraining on {len(records)} of {len(index[schema.TILE_ID])} tiles '
            f'(regions {", ".join(config.dataset.regions)}).')
-  dataset = data_input.HostDataset(config.dataset.data_dir, config.dataset.train_split,
-                                   records=records)
+  num_files = data_shards_lib.num_files(config.dataset.data_dir, config.dataset.train_split)
+  num_shards = validate.check_data_shards(config, jax.process_count(), num_files)
+
+  def open_stream():
+    # Opened, and its files scanned, by every process before anyone waits in a collective.
+    stream = data_shards_lib.ShardedStream(
+        config.dataset.data_dir, config.dataset.train_split, data_shards=num_shards,
+        process_index=jax.process_index(), process_count=jax.process_count(), records=records,
+        **reader_options(config.dataset))
+    stream.check_readable()
+    return stream
+
+  dataset = distributed.agree(open_stream, 'opening the training data')
   validate.check_data(config.model, config.dataset.data_dir, dataset.num_channels,
                       dataset.tile_size)
   contract = dataset.contract
   mean, std = np.asarray(contract.mean, np.float32), np.asarray(contract.std, np.float32)
   local_batch = config.batch_size // jax.process_count()
+  data_layout = dataset.layout(config.seed, config.batch_size)
 
   workdir_path = epath.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
@@ -188,11 +227,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx, schedule = optim.create_optimizer(config.optim, config.batch_size, config.total_steps)
   metadata = {'task': 'pretrain', 'model': config.model.to_dict(),
               'architecture': architecture(config.model), 'input_contract': contract.to_dict(),
-              'config': json.loads(config.to_json_best_effort())}
+              'data_layout': data_layout, 'config': json.loads(config.to_json_best_effort())}
   checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir),
                                        keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules), faults.StopSignal() as stop_signal:
     abstract_state, state_sharding = state_lib.state_shardings(model, tx, mesh, rules)
     latest = checkpointer.latest_step()
     if latest is None:
@@ -205,18 +244,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if diffs:
         raise ValueError(f'checkpoint {checkpointer.directory}/{latest} was written by another '
                          'model: ' + '; '.join(diffs))
+      check_data_layout(saved.get('data_layout'), data_layout, config.dataset,
+                        f'{checkpointer.directory}/{latest}')
       state, _ = checkpointer.restore(latest, ckpt_lib.abstract_like(abstract_state, state_sharding))
       report(f'Resumed from {checkpointer.directory}/{latest}.')
     start_step = int(jax.device_get(state['step']))
 
-    batch_sharding = sharding.batch_sharding(mesh)
     step_fn = jax.jit(
         functools.partial(train_step, model=model, tx=tx, schedule=schedule, mean=mean, std=std,
                           seed=config.seed, accum_steps=config.optim.grad_accum_steps),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+    # Reconstructions run on every process (params are global arrays); process 0 writes them.
     recon_fn = jax.jit(functools.partial(reconstruct, model=model, mean=mean, std=std,
-                                         seed=config.seed))
+                                         seed=config.seed), out_shardings=sharding.replicated(mesh))
+    first_rows = jax.jit(lambda images: images[:config.num_images],
+                         out_shardings=sharding.replicated(mesh))
 
     stop_step = config.total_steps
     if config.stop_at_step:
@@ -224,8 +267,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     num_steps = max(stop_step - start_step, 0)
     if not num_steps:
       report(f'Nothing to do: the checkpoint is at step {start_step}, the run stops at {stop_step}.')
-    batches = dataset.batches(local_batch, seed=config.seed, start_step=start_step,
-                              num_steps=num_steps, shuffle_buffer=config.dataset.shuffle_buffer)
+    image_shape = (local_batch, dataset.tile_size, dataset.tile_size, dataset.num_channels)
+    feed = faults.Feed(
+        dataset.batches(local_batch, seed=config.seed, start_step=start_step,
+                        num_steps=num_steps, shuffle_buffer=config.dataset.shuffle_buffer),
+        lambda: {schema.IMAGE: np.full(image_shape, np.nan, np.float16)}, stop_signal,
+        skip_mode=config.dataset.get('max_bad_records', 0) > 0)
 
     flops_per_example = flops_lib.mae_train_flops(model)
     peak, peak_source = flops_lib.device_peak_flops(
@@ -234,18 +281,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                             config.total_steps)
     report(f'{flops_per_example / 1e9:.3f} GFLOP per example per training step; device peak '
            + (f'{peak / 1e12:.3g} TFLOP/s ({peak_source})' if peak else 'unknown (no MFU; set '
-              'config.peak_tflops_per_device)') + f'; {jax.device_count()} devices, mesh '
-           f'{dict(mesh.shape)}; steps {start_step} -> {stop_step}.')
+              'config.peak_tflops_per_device)') + f'; {jax.device_count()} devices in '
+           f'{jax.process_count()} process(es), mesh {dict(mesh.shape)}, {num_shards} data '
+           f'shard(s); steps {start_step} -> {stop_step}.')
 
     # --- Loop -----------------------------------------------------------------------------------
+    # Step t's metrics are read after step t+1 is dispatched, so the host never idles the
+    # devices; at log and checkpoint steps they are read at once, so nothing unchecked is saved.
     last_metrics: dict[str, Any] = {}
     preview = None
     compiled = None
+    last_saved = latest
+    pending = None  # (step, metrics) dispatched but not yet checked.
+    stopped_by = ''
+    skipped_total = 0
+
+    def checked(done, metrics):
+      nonlocal skipped_total
+      values = faults.check_step(done, metrics, feed, last_saved)
+      skipped_total += int(values.get('skipped_records', 0))
+      return values
+
     for step in range(start_step, stop_step):
-      host_batch = next(batches)
-      if preview is None:
-        preview = host_batch[schema.IMAGE][:config.num_images]
+      host_batch = feed.next(step)
       batch = data_input.global_batch(host_batch, batch_sharding)
+      if preview is None:
+        preview = first_rows(batch[schema.IMAGE])
       if compiled is None:  # Compile ahead of time so timing excludes it.
         t0 = time.perf_counter()
         compiled = step_fn.lower(state, batch).compile()
@@ -253,24 +314,66 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         throughput.start(step)
       state, metrics = compiled(state, batch)
       done = step + 1
-      if done % config.log_every_steps == 0 or done in (start_step + 1, stop_step):
-        metrics = jax.device_get(metrics)
-        if not np.isfinite(metrics['loss']):
-          raise FloatingPointError(f'non-finite loss {metrics["loss"]} at step {done}')
-        last_metrics = {**{k: float(v) for k, v in metrics.items()}, **throughput.report(done)}
-        writer.write_scalars(done, last_metrics)
-        writer.flush()
-      if (done % config.image_every_steps == 0 or done == stop_step) and jax.process_index() == 0:
-        write_reconstruction(writer, workdir, done, recon_fn, state['params'], preview)
-      if done % config.checkpoint.every_steps == 0 or done == stop_step:
+      stop_requested = False
+      if pending is not None:
+        stop_requested = bool(checked(*pending)['stop_requested'])
+      pending = (done, metrics)
+      save_now = done % config.checkpoint.every_steps == 0 or done == stop_step or stop_requested
+      log_now = done % config.log_every_steps == 0 or done in (start_step + 1, stop_step)
+      if save_now or log_now:
+        values = checked(*pending)
+        pending = None
+        stop_requested = stop_requested or bool(values['stop_requested'])
+        save_now = save_now or stop_requested
+        if log_now or stop_requested:
+          last_metrics = {k: float(v) for k, v in values.items()
+                          if k in ('loss', 'grad_norm', 'lr')}
+          if 'skipped_records' in values:
+            last_metrics['skipped_records'] = float(skipped_total)
+          last_metrics.update(throughput.report(done))
+          writer.write_scalars(done, last_metrics)
+          writer.flush()
+      if done % config.image_every_steps == 0 or done == stop_step:
+        images = recon_fn(state['params'], preview, done)
+        if jax.process_index() == 0:
+          write_reconstruction(writer, workdir, done, images)
+      if save_now:
         checkpointer.save(done, state, metadata, force=True)
-    checkpointer.close()
+        last_saved = done
+      if stop_requested:
+        stopped_by = stop_signal.name or 'SIGTERM on another process'
+        break
+    checkpointer.close()  # Waits until every save is committed.
     writer.close()
+  if stopped_by:
+    report(f'Stopped by {stopped_by} at step {last_saved}: checkpoint committed to '
+           f'{checkpointer.directory}/{last_saved}; run the same command again to resume.')
+    last_metrics['stopped_by'] = stopped_by
   return last_metrics
 
 
-def write_reconstruction(writer, workdir, step, recon_fn, params, preview) -> None:
-  original, masked, recon = (np.asarray(a) for a in recon_fn(params, preview, step))
+def reader_options(dataset_config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """HostDataset options for bad records, from config.dataset."""
+  options = {'verify_checksums': dataset_config.get('verify_checksums', False),
+             'max_bad_records': dataset_config.get('max_bad_records', 0)}
+  return {k: v for k, v in options.items() if v}  # Defaults are the readers' own.
+
+
+def check_data_layout(saved: dict[str, Any] | None, current: dict[str, Any],
+                      dataset_config: ml_collections.ConfigDict, where: str) -> None:
+  """Refuses a resume whose input stream would not continue the checkpoint's."""
+  if saved is None:  # Written before layouts were recorded.
+    return
+  diffs = [f'{key}: checkpoint {saved.get(key)!r} != now {current.get(key)!r}'
+           for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+  if diffs and not dataset_config.get('allow_new_data_order', False):
+    raise ValueError(f'{where}: resuming here would change the order of the training data ('
+                     + '; '.join(diffs) + '); restore the settings, or pass '
+                     '--config.dataset.allow_new_data_order=True to continue in a new order')
+
+
+def write_reconstruction(writer, workdir, step, images) -> None:
+  original, masked, recon = (np.asarray(a) for a in images)
   figure = plots.reconstruction_figure(original, masked, recon)
   plot_dir = epath.Path(workdir) / 'plots'
   plot_dir.mkdir(parents=True, exist_ok=True)

@@ -57,3 +57,34 @@ def check_data(model_config: Any, data_dir: str, num_channels: int, tile_size: i
   if model_config.image_size != tile_size:
     raise ConfigError(f'config.model.image_size={model_config.image_size} but the dataset at '
                       f'{data_dir} has {tile_size} x {tile_size} tiles')
+
+
+def check_data_shards(config: Any, process_count: int, num_files: int) -> int:
+  """Resolves config.dataset.data_shards (0: one per process) and checks it; returns it."""
+  shards = config.dataset.get('data_shards', 0) or process_count
+  if shards < 0 or shards % process_count:
+    raise ConfigError(f'config.dataset.data_shards={shards} must be a multiple of the '
+                      f'{process_count} processes (every process reads whole data shards)')
+  if num_files % process_count:
+    raise ConfigError(f'{config.dataset.data_dir}: the {config.dataset.train_split} split has '
+                      f'{num_files} TFRecord files, not a multiple of the {process_count} '
+                      'processes; rewrite it with --num_shards a multiple of the host count')
+  if num_files % shards:
+    raise ConfigError(f'config.dataset.data_shards={shards} does not divide the {num_files} '
+                      f'TFRecord files of the {config.dataset.train_split} split')
+  if config.batch_size % shards:
+    raise ConfigError(f'config.batch_size={config.batch_size} is not divisible by '
+                      f'config.dataset.data_shards={shards}')
+  return shards
+
+
+def check_process_rows(batch_sharding: Any, batch_size: int, process_count: int) -> None:
+  """Every process must feed as many rows of the global batch as its devices hold."""
+  rows = set()
+  for index in batch_sharding.addressable_devices_indices_map((batch_size,)).values():
+    rows.update(range(*index[0].indices(batch_size)))
+  if len(rows) != batch_size // process_count:
+    raise ConfigError(f'config.mesh: the devices of one process hold {len(rows)} rows of the '
+                      f'global batch of {batch_size}, but each of the {process_count} processes '
+                      f'feeds {batch_size // process_count}; make the batch axes (data x fsdp) a '
+                      'multiple of the process count')

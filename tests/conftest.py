@@ -8,7 +8,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import pytest  # pylint: disable=g-import-not-at-top
 
-TILE_SIZE = 32
+from tiny_config import TILE_SIZE  # pylint: disable=g-import-not-at-top,unused-import
+from tiny_config import make_tiny_config  # pylint: disable=g-import-not-at-top,unused-import
 
 
 @pytest.fixture(scope='session')
@@ -19,24 +20,6 @@ def tiny_dataset(tmp_path_factory):
   build_synthetic.build(path, tile_size=TILE_SIZE, train=64, validation=16, test=16,
                         num_shards=8, seed=0)
   return path
-
-
-def make_tiny_config(data_dir):
-  """The tiny preset shrunk to 32 px tiles and a few steps, on ``data_dir``."""
-  import configs.pretrain as pretrain  # pylint: disable=g-import-not-at-top
-  config = pretrain.get_config('tiny')
-  config.dataset.data_dir = data_dir
-  config.dataset.shuffle_buffer = 16
-  config.model.image_size = TILE_SIZE
-  config.model.encoder.update(dict(width=32, depth=2, heads=2, mlp_dim=64))
-  config.model.decoder.update(dict(width=32, depth=1, heads=2, mlp_dim=64))
-  config.batch_size = 8
-  config.total_steps = 3
-  config.log_every_steps = 1
-  config.image_every_steps = 1000
-  config.checkpoint.every_steps = 1000
-  config.checkpoint.async_save = False
-  return config
 
 
 @pytest.fixture

@@ -247,8 +247,8 @@ def test_wrong_image_size_names_the_record(tiny_dataset, tmp_path):
           image[0] = image[0][:-2]
           out.write(example.SerializeToString())
   dataset = data_input.HostDataset(str(copy), 'train', reader='local')
-  with pytest.raises(ValueError, match=r"tfrecord-000\d\d-of-00008 \(record at byte \d+\): "
-                     r"feature 'image' has 24574 bytes, expected 24576"):
+  with pytest.raises(ValueError, match=r"tfrecord-000\d\d-of-00008: record \d+ \(split record "
+                     r"\d+, byte \d+\): feature 'image' has 24574 bytes, expected 24576"):
     next(dataset.batches(4, seed=0, num_steps=1))
 
 
