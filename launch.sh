@@ -803,13 +803,12 @@ local_start() {
   # group: Ctrl-C cannot kill them and cut the process's output. `run_cmd --exec` makes the
   # job's pid the python process itself, so that `wait` reports python's status (not
   # sed's) and signals go straight to it.
+  # Every process's output passes through its own `sed -u`, which writes whole lines at once:
+  # Python writes a line's text and its newline separately, so without it lines of different
+  # processes can interleave mid-line on the terminal. One pipe for both streams, for the same
+  # reason within a process.
   if (( index == 0 )); then
-    if [[ -n "${log_dir}" ]]; then
-      # One pipe for both streams: two would let their lines interleave mid-line in the log.
-      run_cmd --exec "$@" < /dev/null > >(tee "${log}") 2>&1 &
-    else
-      run_cmd --exec "$@" < /dev/null &
-    fi
+    run_cmd --exec "$@" < /dev/null > >(tee "${log}" | sed -u '') 2>&1 &
   else
     run_cmd --exec "$@" < /dev/null > >(tee "${log}" | sed -u "s/^/[process ${index}] /") 2>&1 &
   fi

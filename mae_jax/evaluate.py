@@ -98,7 +98,9 @@ def accumulate(eval_fn, variables, batches: Iterable[dict[str, np.ndarray]], sha
   totals = None
   examples: dict[str, list[np.ndarray]] = {}
   for host_batch in batches:
-    if keep_images and sum(len(v) for v in examples.get(schema.IMAGE, [])) < keep_images:
+    # The first batch is always kept (maybe no real rows), so every key has its shape.
+    if keep_images and (not examples or
+                        sum(len(v) for v in examples[schema.IMAGE]) < keep_images):
       real = host_batch[data_input.EXAMPLE_MASK]
       for key in (schema.IMAGE, schema.VCF, schema.WORLDCOVER):
         if key in host_batch:
@@ -144,11 +146,25 @@ def evaluate_splits(task: str, data_dir: str, eval_fn, variables, batch_sharding
   return results
 
 
-def predict_fn(model, mean, std):
+def predict_fn(model, mean, std, out_sharding=None):
   def predict(variables, images_f16):
     images, _ = preprocess.normalise(images_f16, mean, std)
     return model.apply(variables, images)
-  return jax.jit(predict)
+  return jax.jit(predict, out_shardings=out_sharding)
+
+
+def tiles_of_process_0(tiles: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
+  """Process 0's kept tiles, on every process (figures run a jitted prediction, which every
+  process must call with the same inputs). Each process's arrays have their trailing shapes even
+  when empty, so all can pad to ``count`` rows for the broadcast."""
+  if jax.process_count() == 1:
+    return tiles
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  real = int(multihost_utils.broadcast_one_to_all(np.int32(len(tiles.get(schema.IMAGE, ())))))
+  padded = {k: np.concatenate([v[:count], np.zeros((max(count - len(v), 0),) + v.shape[1:],
+                                                   v.dtype)]) for k, v in tiles.items()}
+  shared = multihost_utils.broadcast_one_to_all(padded)
+  return {k: np.asarray(v)[:real] for k, v in shared.items()}
 
 
 def prediction_figure(task: str, images_db: np.ndarray, labels: np.ndarray,
@@ -285,8 +301,9 @@ def evaluate_checkpoint(eval_config, workdir: str | None = None) -> dict[str, An
                               features, keep_images=eval_config.num_images)
   kept = results.pop('_kept')
   pictures = {}
-  predict = predict_fn(model, mean, std)
+  predict = predict_fn(model, mean, std, out_sharding=sharding.replicated(mesh))
   for split, tiles in kept.items():
+    tiles = tiles_of_process_0(tiles, eval_config.num_images)
     if not len(tiles.get(schema.IMAGE, ())):
       continue
     images = tiles[schema.IMAGE]

@@ -55,8 +55,15 @@ def pretrain_if_needed(study, workdir: str) -> str:
   path = os.path.join(workdir, 'pretrain')
   print(f'== Pretraining {study.pretrain_preset} for {config.total_steps} steps on '
         f'{", ".join(study.pretrain_regions)} -> {path}', flush=True)
-  train.train_and_evaluate(config, path)
+  if train.train_and_evaluate(config, path).get('stopped_by'):
+    stop_study()
   return path
+
+
+def stop_study() -> None:
+  """Ends the study after a signal stopped a run at a checkpoint (exit 0; a rerun resumes)."""
+  print('== The study stopped on a signal; run the same command again to resume it.', flush=True)
+  raise SystemExit(0)
 
 
 def finetune_config(study, task: str, init: str, fraction: float, lr: float, seed: int,
@@ -81,7 +88,10 @@ def run_once(study, workdir, task, init, fraction, lr, seed, checkpoint) -> dict
   done = os.path.join(path, 'final_metrics.json')
   if not os.path.exists(done):
     t0 = time.perf_counter()
-    finetune.finetune(finetune_config(study, task, init, fraction, lr, seed, checkpoint), path)
+    result = finetune.finetune(finetune_config(study, task, init, fraction, lr, seed, checkpoint),
+                               path)
+    if result.get('stopped'):
+      stop_study()
     print(f'   {task} {init} {fraction:g} lr {lr:g} seed {seed}: '
           f'{time.perf_counter() - t0:.0f} s', flush=True)
   with open(done) as f:

@@ -702,9 +702,10 @@ def test_local_failure_kills_the_others(fakes, probe):
   assert result.returncode == 3, result
   assert elapsed < 10
   assert 'process 1 failed with exit code 3' in result.stderr
-  assert 'process 0 writes to stderr' in result.stderr  # Without --log-dir: as it is.
+  # Process 0's stderr is merged into its stdout, which passes through `sed -u` line by line.
+  assert 'process 0 writes to stderr' in result.stdout.splitlines()
   assert '[process 1] process 1 of 2 says hello' in result.stdout.splitlines()
-  assert 'localhost:23456' in result.stderr
+  assert 'localhost:23456' in result.stdout + result.stderr
   pid0 = read_env(out, 0)['pid']
 
   def gone():
