@@ -18,21 +18,10 @@ import damage
 from mae_jax import checkpoint as ckpt_lib
 from mae_jax import sharding
 from mae_jax import train
+from tiny_config import run
 from mae_jax import validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(config, workdir, **overrides):
-  config = config.copy_and_resolve_references()
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split('.')
-    for name in parents:
-      target = target[name]
-    target[leaf] = value
-  train.train_and_evaluate(config, str(workdir))
-  return config
 
 
 def committed_steps(workdir):

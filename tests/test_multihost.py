@@ -6,7 +6,6 @@ global batches as one process, so the losses agree and the job's checkpoint rest
 single process; faults on one process stop both, at the same step, without a hang.
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import numpy as np
 import damage
 from mae_jax import checkpoint as ckpt_lib
 from mae_jax import train
+from tiny_config import losses, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, 'launch.sh')
@@ -33,23 +33,6 @@ def launch(data_dir, workdir, *flags, timeout=300):
   env = dict(os.environ, PYTHONUNBUFFERED='1')
   return subprocess.run(local_command(data_dir, workdir, *flags), cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
-
-
-def losses(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return {r['step']: r['loss'] for r in map(json.loads, f)}
-
-
-def run_in_process(config, workdir, **overrides):
-  config = config.copy_and_resolve_references()
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split('.')
-    for name in parents:
-      target = target[name]
-    target[leaf] = value
-  train.train_and_evaluate(config, str(workdir))
-  return config
 
 
 def test_two_processes_equal_one_stop_together_and_restore_in_one(tiny_dataset, tiny_config,
@@ -84,7 +67,7 @@ def test_two_processes_equal_one_stop_together_and_restore_in_one(tiny_dataset, 
   two_losses = losses(workdir)
   assert sorted(two_losses) == list(range(1, step + 1))  # Each step logged once.
 
-  reference = run_in_process(tiny_config, tmp_path / 'one_process', total_steps=2000,
+  reference = run(tiny_config, tmp_path / 'one_process', total_steps=2000,
                              stop_at_step=step + 4)
   one_losses = losses(tmp_path / 'one_process')
   for done in range(1, step + 1):
@@ -92,7 +75,7 @@ def test_two_processes_equal_one_stop_together_and_restore_in_one(tiny_dataset, 
   saved, metadata = train.restore_state(reference, str(workdir))
   assert int(saved['step']) == step and metadata['data_layout']['data_shards'] == 8
 
-  config = run_in_process(tiny_config, workdir, total_steps=2000, stop_at_step=step + 4)
+  config = run(tiny_config, workdir, total_steps=2000, stop_at_step=step + 4)
   resumed_losses = losses(workdir)
   for done in range(step + 1, step + 5):
     np.testing.assert_allclose(resumed_losses[done], one_losses[done], rtol=1e-5,

@@ -8,23 +8,7 @@ import numpy as np
 import pytest
 
 from mae_jax import train
-
-
-def losses(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return {r['step']: r['loss'] for r in map(json.loads, f)}
-
-
-def run(config, workdir, **overrides):
-  config = config.copy_and_resolve_references()
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split('.')
-    for name in parents:
-      target = target[name]
-    target[leaf] = value
-  train.train_and_evaluate(config, str(workdir))
-  return config
+from tiny_config import losses, run
 
 
 def test_loss_on_meshes_equals_single_device(tiny_config, tmp_path):

@@ -1,4 +1,4 @@
-"""The tiny preset shrunk to 32 px tiles and a few steps: for tests, in process or on the CLI.
+"""The tiny preset shrunk to 32 px tiles and a few steps, and how tests run it (in process or CLI).
 
 ``python -m mae_jax.main --config tests/tiny_config.py:/path/to/dataset --workdir W`` runs the
 same config that ``make_tiny_config(path)`` returns.
@@ -26,3 +26,26 @@ def make_tiny_config(data_dir):
 
 def get_config(data_dir):
   return make_tiny_config(data_dir)
+
+
+def run(config, workdir, **overrides):
+  """Pretrains ``config`` with dotted overrides (``'checkpoint.every_steps': 1``) in ``workdir``;
+  returns the config used."""
+  from mae_jax import train  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for name in parents:
+      target = target[name]
+    target[leaf] = value
+  train.train_and_evaluate(config, str(workdir))
+  return config
+
+
+def losses(workdir):
+  """{step: loss} from a workdir's metrics.jsonl."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r['loss'] for r in map(json.loads, f)}
