@@ -354,9 +354,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def reader_options(dataset_config: ml_collections.ConfigDict) -> dict[str, Any]:
   """HostDataset options for bad records, from config.dataset."""
-  options = {'verify_checksums': dataset_config.get('verify_checksums', False),
-             'max_bad_records': dataset_config.get('max_bad_records', 0)}
-  return {k: v for k, v in options.items() if v}  # Defaults are the readers' own.
+  return {'verify_checksums': dataset_config.get('verify_checksums', False),
+          'max_bad_records': dataset_config.get('max_bad_records', 0)}
 
 
 def check_data_layout(saved: dict[str, Any] | None, current: dict[str, Any],
