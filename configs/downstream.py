@@ -63,6 +63,11 @@ def get_config(task: str, head_kind: str, arg: str) -> ml_collections.ConfigDict
   c.seed = 0  # Head init, label subset, data order and drop path all derive from it.
   # A pretraining workdir (its latest step) or one checkpoints/<step> folder; '' = from scratch.
   c.init_checkpoint = ''
+  # Or the encoder of MAE weights published in PyTorch (official .pth, transformers folder or
+  # .safetensors; mae_jax/pretrained.py), with the channel rule 'mean' or 'repeat'. Exclusive
+  # with init_checkpoint; normalisation then uses this dataset's statistics.
+  c.init_from = ''
+  c.init_from_channels = 'mean'
   # The fine-tuning data's input contract must equal the checkpoint's (bands, order, units,
   # clipping, quantisation); True accepts a difference (it is logged).
   c.allow_contract_mismatch = False

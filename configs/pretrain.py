@@ -62,6 +62,13 @@ def base_config() -> ml_collections.ConfigDict:
   # resume tests; the schedule still follows total_steps. 0 = off.
   c.stop_at_step = 0
   c.batch_size = 4096  # Global, over all processes.
+  # Start from MAE weights published in PyTorch (mae_jax.pretrained): an official MAE .pth, a
+  # transformers ViT-MAE folder or .safetensors file, or a `python -m mae_jax.export` folder.
+  # Read only when the workdir has no checkpoint yet; '' = random initialisation.
+  c.init_from = ''
+  # How a 3-channel (RGB) patch embedding becomes config.model.num_channels: 'mean' or
+  # 'repeat' (the rules are in mae_jax/pretrained.py).
+  c.init_from_channels = 'mean'
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.data_dir = ''  # A folder written by data_pipeline (tfds.builder_from_directory).

@@ -37,6 +37,7 @@ from mae_jax import evaluate
 from mae_jax import faults
 from mae_jax import optim
 from mae_jax import preprocess
+from mae_jax import pretrained
 from mae_jax import sharding
 from mae_jax import state as state_lib
 from mae_jax import train as pretrain_lib
@@ -220,17 +221,29 @@ def setup_state(config, model, tx, mesh, rules, checkpointer, contract):
   init_from = None
   if latest is None:
     state = create_state(model, tx, jax.random.key(config.seed), state_sharding)
+    params = None
+    if config.init_checkpoint and config.get('init_from'):
+      raise ValueError('set config.init_checkpoint (a mae_jax pretraining checkpoint) or '
+                       'config.init_from (weights published in PyTorch), not both')
     if config.init_checkpoint:
       encoder, init_metadata, init_from = restore_encoder(config, abstract_state['params'],
                                                           state_sharding['params'], contract)
       contract = schema.InputContract.from_dict(init_metadata['input_contract'])
       params = {**state['params'], **encoder}
+      report(f'Restored the encoder from {init_from}; head and optimiser are new.')
+    elif config.get('init_from'):
+      imported = pretrained.import_weights(config.init_from, model, config.init_from_channels,
+                                           part='encoder')
+      params = pretrained.place(state['params'], imported, state_sharding['params'])
+      init_from = config.init_from
+      report(f'Imported the encoder from {init_from}'
+             + ''.join(f'; {note}' for note in imported.notes) + '; head and optimiser are new.')
+    else:
+      report('Training from scratch (no init_checkpoint).')
+    if params is not None:
       # The best copy needs buffers of its own: the train step donates the state.
       best_params = jax.tree.map(jnp.copy, params)
       state = {**state, 'params': params, 'best': {**state['best'], 'params': best_params}}
-      report(f'Restored the encoder from {init_from}; head and optimiser are new.')
-    else:
-      report('Training from scratch (no init_checkpoint).')
   else:
     saved = checkpointer.restore_metadata(latest)
     diffs = ckpt_lib.architecture_differences(saved.get('architecture', {}),

@@ -47,6 +47,7 @@ from mae_jax import flops as flops_lib
 from mae_jax import optim
 from mae_jax import plots
 from mae_jax import preprocess
+from mae_jax import pretrained
 from mae_jax import sharding
 from mae_jax import state as state_lib
 from mae_jax import validate
@@ -237,6 +238,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if latest is None:
       state = state_lib.create_state(model, tx, jax.random.key(config.seed), state_sharding)
       report(f'Initialised a new model ({state_lib.count_params(state["params"]):,} parameters).')
+      if config.get('init_from'):
+        imported = pretrained.import_weights(config.init_from, model, config.init_from_channels)
+        state = {**state, 'params': pretrained.place(state['params'], imported,
+                                                     state_sharding['params'])}
+        report(f'Imported the {imported.part} from {config.init_from}'
+               + ''.join(f'; {note}' for note in imported.notes) + '.')
     else:
       saved = checkpointer.restore_metadata(latest)
       diffs = ckpt_lib.architecture_differences(saved.get('architecture', {}),

@@ -18,6 +18,11 @@ import jax.numpy as jnp
 from mae_jax.models import hf_convert
 from mae_jax.models import vit
 from mae_jax.models.mae import MaskedAutoencoder
+from tests.hf_fixtures import assert_bitwise_equal  # pylint: disable=g-bad-import-order
+from tests.hf_fixtures import hf_model
+from tests.hf_fixtures import hf_sincos
+from tests.hf_fixtures import load_into
+from tests.hf_fixtures import random_params
 
 SMALL = dict(image_size=64, patch_size=16, num_channels=12, width=64, depth=2, num_heads=4,
              mlp_dim=128, decoder_width=32, decoder_depth=2, decoder_heads=4, decoder_mlp_dim=64,
@@ -37,80 +42,11 @@ CASES = {
 RTOL = 1e-5
 
 
-def _random_params(model, seed):
-  """Random params of the model's shapes; biases, LayerNorms and tokens are all non-trivial.
-
-  Drawn with numpy from ``jax.eval_shape`` shapes: compiling ``model.init`` takes seconds.
-  Kernels are scaled by 1/sqrt(fan-in) so activations stay O(1) through the blocks.
-  """
-  size, channels = model.image_size, model.num_channels
-  shapes = jax.eval_shape(model.init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32),
-                          jax.ShapeDtypeStruct((1, size, size, channels), jnp.bool_),
-                          jax.ShapeDtypeStruct((1, model.num_patches), jnp.float32))
-  flat = flax.traverse_util.flatten_dict(flax.core.meta.unbox(shapes['params']))
-  rng = np.random.default_rng(seed)
-  params = {}
-  for path, leaf in sorted(flat.items()):
-    shape = leaf.shape
-    x = rng.standard_normal(shape)
-    if path[-1] == 'kernel':  # (in, out), (embed, heads, head_dim) or (heads, head_dim, embed).
-      x /= np.sqrt(shape[0] * (shape[1] if path[-2] == 'out' else 1))
-    elif path[-1] == 'scale':
-      x = 1.0 + 0.1 * x
-    else:  # Biases, cls_token, mask_token, learned position embeddings.
-      x *= 0.1
-    params[path] = x.astype(np.float32)
-  return flax.traverse_util.unflatten_dict(params)
-
-
 def _inputs(model, seed, batch=2):
   rng = np.random.default_rng(seed + 1)
   images = rng.standard_normal((batch, model.image_size, model.image_size, model.num_channels))
   noise = rng.random((batch, model.num_patches))
   return images.astype(np.float32), noise.astype(np.float32)
-
-
-def _hf_model(model):
-  torch.manual_seed(0)
-  config = transformers.ViTMAEConfig(**hf_convert.hf_config_dict(model))
-  return transformers.ViTMAEForPreTraining(config)
-
-
-def _hf_sincos(hf):
-  """The (encoder, decoder) sin-cos position embeddings transformers initialises.
-
-  transformers 5.24 leaves both at zero after construction: post_init initialises the patch
-  Conv2d before ViTMAEEmbeddings, whose initialize_weights then returns early on the conv's
-  ``_is_hf_initialized`` flag, and ViTMAEPreTrainedModel._init_weights zeroes decoder_pos_embed
-  after ViTMAEDecoder.__init__ filled it. Where that happened, rerun transformers' own
-  initialisers (harmless here: the state dict is loaded afterwards).
-  """
-  embeddings, decoder = hf.vit.embeddings, hf.decoder
-  with torch.no_grad():
-    if not embeddings.position_embeddings.any():
-      embeddings.patch_embeddings.projection._is_hf_initialized = False
-      embeddings.initialize_weights()
-    if not decoder.decoder_pos_embed.any():
-      decoder.initialize_weights(embeddings.patch_embeddings.num_patches)
-  return (embeddings.position_embeddings.detach().numpy()[0].copy(),
-          decoder.decoder_pos_embed.detach().numpy()[0].copy())
-
-
-def _load(hf, state):
-  result = hf.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
-  assert not result.missing_keys and not result.unexpected_keys
-  return hf.eval()
-
-
-def _assert_bitwise_equal(a, b):
-  flat_a, flat_b = (flax.traverse_util.flatten_dict(t) for t in (a, b))
-  assert set(flat_a) == set(flat_b)
-  for path, x in flat_a.items():
-    y = np.asarray(flat_b[path])
-    x = np.asarray(x)
-    assert x.dtype == y.dtype == np.float32 and x.shape == y.shape, path
-    np.testing.assert_array_equal(x.view(np.uint32), y.view(np.uint32), err_msg=str(path))
 
 
 def _max_rel(actual, desired):
@@ -121,19 +57,19 @@ def _max_rel(actual, desired):
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_forward_parity(case):
   model = MaskedAutoencoder(**CASES[case])
-  params = _random_params(model, seed=0)
+  params = random_params(model, seed=0)
   images, noise = _inputs(model, seed=0)
-  hf = _hf_model(model)
+  hf = hf_model(model)
 
   if model.pos_embedding == 'sincos':
-    encoder_pos, decoder_pos = _hf_sincos(hf)
+    encoder_pos, decoder_pos = hf_sincos(hf)
     np.testing.assert_allclose(vit.sincos_2d(model.width, model.grid_size), encoder_pos,
                                rtol=0, atol=1e-7)
     np.testing.assert_allclose(vit.sincos_2d(model.decoder_width, model.grid_size), decoder_pos,
                                rtol=0, atol=1e-7)
 
   state = hf_convert.to_hf_state_dict(model, params)
-  hf = _load(hf, state)
+  hf = load_into(hf, state)
   with torch.no_grad():
     out = hf(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
              noise=torch.from_numpy(noise))
@@ -155,23 +91,23 @@ def test_forward_parity(case):
         f'{norm_rel:.2e}')
 
   # Import from the live torch model is the exact inverse of the export.
-  _assert_bitwise_equal(hf_convert.from_hf_state_dict(model, hf.state_dict()), params)
+  assert_bitwise_equal(hf_convert.from_hf_state_dict(model, hf.state_dict()), params)
 
 
 @pytest.mark.parametrize('case', sorted(CASES))
 @pytest.mark.parametrize('legacy_keys', [False, True])
 def test_round_trip_is_bitwise(case, legacy_keys):
   model = MaskedAutoencoder(**CASES[case])
-  params = _random_params(model, seed=1)
+  params = random_params(model, seed=1)
   state = hf_convert.to_hf_state_dict(model, params, legacy_keys=legacy_keys)
-  _assert_bitwise_equal(hf_convert.from_hf_state_dict(model, state), params)
+  assert_bitwise_equal(hf_convert.from_hf_state_dict(model, state), params)
 
 
 def test_legacy_keys_load_through_transformers(tmp_path):
   """Hub-style (4.x) key names are what transformers renames to its own on from_pretrained."""
   safetensors_torch = pytest.importorskip('safetensors.torch')
   model = MaskedAutoencoder(**CASES['learned_raw_poster'])
-  params = _random_params(model, seed=2)
+  params = random_params(model, seed=2)
   legacy = hf_convert.to_hf_state_dict(model, params, legacy_keys=True)
   assert 'vit.encoder.layer.0.attention.attention.query.weight' in legacy
   assert 'decoder.decoder_layers.1.intermediate.dense.weight' in legacy
@@ -191,11 +127,9 @@ def test_legacy_keys_load_through_transformers(tmp_path):
 
 def test_errors():
   model = MaskedAutoencoder(**CASES['sincos_normpix'])
-  params = _random_params(model, seed=3)
+  params = random_params(model, seed=3)
   with pytest.raises(ValueError, match='patch_channel'):
     hf_convert.hf_config_dict(model.clone(norm_pix_loss='patch_channel'))
-  with pytest.raises(ValueError, match='scan_layers'):
-    hf_convert.to_hf_state_dict(model.clone(scan_layers=True), params)
   state = hf_convert.to_hf_state_dict(model, params)
   # mae_jax keeps sin-cos position embeddings fixed; other values cannot be imported silently.
   bad = dict(state)
@@ -205,7 +139,7 @@ def test_errors():
   # ...but they may be left out.
   without_pos = {k: v for k, v in state.items()
                  if k not in (hf_convert.ENCODER_POS_KEY, hf_convert.DECODER_POS_KEY)}
-  _assert_bitwise_equal(hf_convert.from_hf_state_dict(model, without_pos), params)
+  assert_bitwise_equal(hf_convert.from_hf_state_dict(model, without_pos), params)
   missing = dict(state)
   del missing['decoder.decoder_pred.bias']
   with pytest.raises(ValueError, match='missing'):
@@ -216,3 +150,36 @@ def test_errors():
     hf_convert.from_hf_state_dict(model, wrong_shape)
   with pytest.raises(ValueError, match='do not match'):
     hf_convert.to_hf_state_dict(model.clone(depth=3), params)
+
+
+def test_scanned_models_convert_through_the_per_block_layout():
+  model = MaskedAutoencoder(**CASES['learned_raw_poster'])
+  params = random_params(model, seed=4)
+  scanned_model = model.clone(scan_layers=True)
+  scanned = hf_convert.scan_params(params)
+  assert scanned['encoder']['blocks']['attn']['query']['kernel'].shape[0] == model.depth
+  assert set(hf_convert.param_shapes(scanned_model)) == set(
+      flax.traverse_util.flatten_dict(scanned))
+  assert_bitwise_equal(hf_convert.unscan_params(scanned), params)
+  state = hf_convert.to_hf_state_dict(scanned_model, scanned)
+  reference = hf_convert.to_hf_state_dict(model, params)
+  assert set(state) == set(reference)
+  for key, value in reference.items():
+    np.testing.assert_array_equal(state[key], value, err_msg=key)
+  assert_bitwise_equal(hf_convert.from_hf_state_dict(scanned_model, state), scanned)
+
+
+def test_encoder_part_and_model_names():
+  model = MaskedAutoencoder(**CASES['sincos_normpix'])
+  params = random_params(model, seed=5)
+  encoder = hf_convert.to_hf_state_dict(model, params, part='encoder')
+  assert all(k.startswith('vit.') for k in encoder)
+  bare = hf_convert.encoder_state_dict_for_model(encoder)
+  assert 'embeddings.cls_token' in bare and 'layernorm.weight' in bare
+  expected = {k: v for k, v in params.items() if k in ('patch_embed', 'cls_token', 'encoder',
+                                                       'encoder_norm')}
+  for state in (encoder, bare):
+    assert_bitwise_equal(hf_convert.from_hf_state_dict(model, state, part='encoder'), expected)
+  with pytest.raises(ValueError, match='unexpected'):
+    hf_convert.from_hf_state_dict(model, hf_convert.to_hf_state_dict(model, params),
+                                  part='encoder')

@@ -14,6 +14,13 @@ round trip is bitwise). Layout differences handled here:
   state_dict; they are filled with :func:`mae_jax.models.vit.sincos_2d` (which matches the
   layout transformers initialises) on export and checked against it on import.
 
+Parts: ``part='mae'`` converts the whole model (``ViTMAEForPreTraining``); ``part='encoder'`` only
+the encoder (``mae.ENCODER_PARAMS``), under ``ViTMAEForPreTraining``'s ``vit.`` names;
+:func:`encoder_state_dict_for_model` strips that prefix for ``ViTMAEModel``, and
+:func:`from_hf_state_dict` accepts keys with or without it. Models with ``scan_layers=True``
+are converted through the per-block layout (:func:`unscan_params` / :func:`scan_params`), which
+only splits or stacks the leading ``layers`` axis.
+
 Key names follow the installed transformers (5.x: ``vit.layers.{i}.attention.q_proj.weight``,
 ``...mlp.fc1.weight``). ``to_hf_state_dict(..., legacy_keys=True)`` writes the names used by
 checkpoints on the Hub and by transformers 4.x (``vit.encoder.layer.{i}.attention.attention.
@@ -34,8 +41,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mae_jax.models import mae
 from mae_jax.models import vit
 from mae_jax.models.mae import MaskedAutoencoder
+
+PARTS = ('mae', 'encoder')
+# The prefix of the encoder in ViTMAEForPreTraining's state dict, absent in ViTMAEModel's.
+ENCODER_PREFIX = 'vit.'
+# Scanned transformers keep their blocks under this name with a leading layers axis.
+SCANNED_BLOCKS = 'blocks'
 
 # Position-embedding keys, which are params only for pos_embedding='learned'.
 ENCODER_POS_KEY = 'vit.embeddings.position_embeddings'
@@ -74,11 +88,14 @@ class _Rule(NamedTuple):
   kind: str
 
 
-def _rules(model: MaskedAutoencoder) -> list[_Rule]:
-  """The parameter correspondence for ``model`` (which must not scan its layers)."""
-  if model.scan_layers:
-    raise ValueError('HF conversion needs scan_layers=False params (encoder/block_{i}/...); '
-                     'build the model with scan_layers=False and convert an unscanned checkpoint')
+def _check_part(part: str) -> None:
+  if part not in PARTS:
+    raise ValueError(f'part must be one of {PARTS}, got {part!r}')
+
+
+def _rules(model: MaskedAutoencoder, part: str = 'mae') -> list[_Rule]:
+  """The parameter correspondence for ``model`` (unscanned layout) or its encoder."""
+  _check_part(part)
   if model.pos_embedding not in ('sincos', 'learned'):
     raise ValueError(f'unknown pos_embedding {model.pos_embedding!r}')
 
@@ -99,6 +116,10 @@ def _rules(model: MaskedAutoencoder) -> list[_Rule]:
   rules += [
       top(('encoder_norm', 'scale'), 'vit.layernorm.weight', 'same'),
       top(('encoder_norm', 'bias'), 'vit.layernorm.bias', 'same'),
+  ]
+  if part == 'encoder':
+    return rules
+  rules += [
       top(('decoder_embed', 'kernel'), 'decoder.decoder_embed.weight', 'linear'),
       top(('decoder_embed', 'bias'), 'decoder.decoder_embed.bias', 'same'),
       top(('mask_token',), 'decoder.mask_token', 'same'),
@@ -118,14 +139,15 @@ def _rules(model: MaskedAutoencoder) -> list[_Rule]:
   return rules
 
 
-def _fixed_position_embeddings(model: MaskedAutoencoder) -> dict[str, np.ndarray]:
+def _fixed_position_embeddings(model: MaskedAutoencoder,
+                               part: str = 'mae') -> dict[str, np.ndarray]:
   """The sin-cos position embeddings transformers keeps as tensors; empty when learned."""
   if model.pos_embedding != 'sincos':
     return {}
-  return {
-      ENCODER_POS_KEY: vit.sincos_2d(model.width, model.grid_size)[None],
-      DECODER_POS_KEY: vit.sincos_2d(model.decoder_width, model.grid_size)[None],
-  }
+  fixed = {ENCODER_POS_KEY: vit.sincos_2d(model.width, model.grid_size)[None]}
+  if part == 'mae':
+    fixed[DECODER_POS_KEY] = vit.sincos_2d(model.decoder_width, model.grid_size)[None]
+  return fixed
 
 
 def _hf_shape(kind: str, shape: tuple[int, ...], model: MaskedAutoencoder) -> tuple[int, ...]:
@@ -174,19 +196,49 @@ def _from_hf(kind: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   raise AssertionError(kind)
 
 
-def _param_shapes(model: MaskedAutoencoder) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """The shape of every param of ``model``, by path, without allocating anything."""
+def param_shapes(model: MaskedAutoencoder,
+                 part: str = 'mae') -> dict[tuple[str, ...], tuple[int, ...]]:
+  """The shape of every param of ``model`` (or its encoder), by path, without allocating."""
+  _check_part(part)
   size, channels = model.image_size, model.num_channels
-  variables = jax.eval_shape(
-      model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32),
+  # Unboxing applies sharding constraints (under a mesh), so it happens inside the trace.
+  params = jax.eval_shape(
+      lambda *args: flax.core.meta.unbox(model.init(*args)['params']), jax.random.key(0),
+      jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32),
       jax.ShapeDtypeStruct((1, size, size, channels), jnp.bool_),
       jax.ShapeDtypeStruct((1, model.num_patches), jnp.float32))
-  params = flax.core.meta.unbox(variables['params'])
   return {path: tuple(leaf.shape)
-          for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(params)).items()}
+          for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(params)).items()
+          if part == 'mae' or path[0] in mae.ENCODER_PARAMS}
 
 
-def _check_paths(expected: set, actual: set, what: str) -> None:
+def unscan_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Params of a ``scan_layers=True`` model in the per-block layout (``encoder/block_{i}``).
+
+  Only the ``encoder`` and ``decoder`` transformers change: their ``blocks`` sub-tree, whose
+  leaves carry a leading layers axis, becomes one ``block_{i}`` sub-tree per layer.
+  """
+  out = dict(params)
+  for name in ('encoder', 'decoder'):
+    if name in out and SCANNED_BLOCKS in out[name]:
+      blocks = out[name][SCANNED_BLOCKS]
+      depth = jax.tree.leaves(blocks)[0].shape[0]
+      out[name] = {f'block_{i}': jax.tree.map(lambda x, i=i: np.asarray(x)[i], blocks)
+                   for i in range(depth)}
+  return out
+
+
+def scan_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  """The inverse of :func:`unscan_params`: ``block_{i}`` sub-trees stacked into ``blocks``."""
+  out = dict(params)
+  for name in ('encoder', 'decoder'):
+    if name in out and 'block_0' in out[name]:
+      blocks = [out[name][f'block_{i}'] for i in range(len(out[name]))]
+      out[name] = {SCANNED_BLOCKS: jax.tree.map(lambda *xs: np.stack(xs), *blocks)}
+  return out
+
+
+def check_paths(expected: set, actual: set, what: str) -> None:
   missing, unexpected = sorted(expected - actual), sorted(actual - expected)
   if missing or unexpected:
     raise ValueError(f'{what} do not match the model: missing {missing[:8]}'
@@ -194,7 +246,7 @@ def _check_paths(expected: set, actual: set, what: str) -> None:
                      f'{" ..." if len(unexpected) > 8 else ""}')
 
 
-def _as_float32_numpy(value: Any) -> np.ndarray:
+def as_float32_numpy(value: Any) -> np.ndarray:
   """A C-contiguous float32 numpy copy of a numpy, jax or torch array."""
   if hasattr(value, 'detach'):  # torch.Tensor, without importing torch.
     value = value.detach().cpu()
@@ -206,19 +258,22 @@ def _as_float32_numpy(value: Any) -> np.ndarray:
   return np.array(value, dtype=np.float32, order='C')
 
 
-def hf_config_dict(model: MaskedAutoencoder) -> dict[str, Any]:
+def hf_config_dict(model: MaskedAutoencoder, part: str = 'mae') -> dict[str, Any]:
   """The keyword arguments of ``transformers.ViTMAEConfig`` describing ``model``.
 
   Args:
     model: the mae_jax module.
+    part: 'mae', or 'encoder' for an encoder alone (the loss settings then do not matter).
 
   Returns:
     A dict for ``ViTMAEConfig(**hf_config_dict(model))``.
 
   Raises:
-    ValueError: for ``norm_pix_loss='patch_channel'``, which transformers cannot express.
+    ValueError: for ``norm_pix_loss='patch_channel'`` of a whole MAE, which transformers cannot
+      express.
   """
-  if model.norm_pix_loss not in ('none', 'patch'):
+  _check_part(part)
+  if part == 'mae' and model.norm_pix_loss not in ('none', 'patch'):
     raise ValueError(f'transformers ViT-MAE normalises targets per patch or not at all; '
                      f'norm_pix_loss={model.norm_pix_loss!r} has no equivalent')
   return dict(
@@ -244,71 +299,111 @@ def hf_config_dict(model: MaskedAutoencoder) -> dict[str, Any]:
 
 
 def to_hf_state_dict(model: MaskedAutoencoder, params: Mapping[str, Any],
-                     legacy_keys: bool = False) -> dict[str, np.ndarray]:
+                     legacy_keys: bool = False, part: str = 'mae') -> dict[str, np.ndarray]:
   """Converts mae_jax params to a ``ViTMAEForPreTraining`` state dict of float32 numpy arrays.
 
   Args:
-    model: the module the params belong to (``scan_layers=False``).
-    params: its params, unboxed or boxed, with or without the outer ``{'params': ...}``.
+    model: the module the params belong to (scanned or not).
+    params: its params, unboxed or boxed, with or without the outer ``{'params': ...}``. With
+      ``part='encoder'`` only the encoder's are read (others, such as a head, are ignored).
     legacy_keys: write the transformers 4.x / Hub key names instead of the installed ones.
+    part: 'mae' (the whole model) or 'encoder'.
 
   Returns:
     ``{key: array}`` in transformers' layouts; wrap the values with ``torch.from_numpy`` for
     ``load_state_dict``. Sin-cos position embeddings are filled with ``vit.sincos_2d``.
 
   Raises:
-    ValueError: for a scanned model or params that do not match the model.
+    ValueError: for params that do not match the model.
   """
-  rules = _rules(model)
   params = flax.core.unfreeze(flax.core.meta.unbox(params))
   if set(params) == {'params'}:
     params = params['params']
+  if part == 'encoder':
+    params = {k: v for k, v in params.items() if k in mae.ENCODER_PARAMS}
+  if model.scan_layers:
+    params, model = unscan_params(params), model.clone(scan_layers=False)
+  rules = _rules(model, part)
   flat = flax.traverse_util.flatten_dict(params)
-  shapes = _param_shapes(model)
-  _check_paths(set(shapes), set(flat), 'params')
-  _check_paths(set(shapes), {rule.path for rule in rules}, 'conversion rules')
+  shapes = param_shapes(model, part)
+  check_paths(set(shapes), set(flat), 'params')
+  check_paths(set(shapes), {rule.path for rule in rules}, 'conversion rules')
   state = {}
   for rule in rules:
-    x = _as_float32_numpy(jax.device_get(flat[rule.path]))
+    x = as_float32_numpy(jax.device_get(flat[rule.path]))
     if x.shape != shapes[rule.path]:
       raise ValueError(f'param {"/".join(rule.path)} has shape {x.shape}, '
                        f'the model expects {shapes[rule.path]}')
     state[rule.legacy_key if legacy_keys else rule.key] = np.ascontiguousarray(
         _to_hf(rule.kind, x, model))
-  state.update(_fixed_position_embeddings(model))
+  state.update(_fixed_position_embeddings(model, part))
   return state
 
 
-def from_hf_state_dict(model: MaskedAutoencoder, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+def encoder_state_dict_for_model(state: Mapping[str, Any]) -> dict[str, Any]:
+  """An encoder state dict under ``ViTMAEModel``'s names (without the ``vit.`` prefix)."""
+  out = {}
+  for key, value in state.items():
+    if not key.startswith(ENCODER_PREFIX):
+      raise ValueError(f'{key} is not an encoder key (expected the {ENCODER_PREFIX!r} prefix)')
+    out[key[len(ENCODER_PREFIX):]] = value
+  return out
+
+
+def canonical_key(key: str) -> str:
+  """A transformers ViT-MAE key under ``ViTMAEForPreTraining``'s names (installed or legacy).
+
+  Adds the ``vit.`` prefix to ``ViTMAEModel`` keys (``embeddings.*``, ``layers.*``,
+  ``encoder.layer.*``, ``layernorm.*``), and renames ``decoder.decoder_encoder.layer.{i}``,
+  which transformers 5.x's ``save_pretrained`` writes for the legacy
+  ``decoder.decoder_layers.{i}``; other keys are unchanged.
+  """
+  if key.startswith(('embeddings.', 'layers.', 'encoder.layer.', 'layernorm.')):
+    return ENCODER_PREFIX + key
+  saved_decoder = 'decoder.decoder_encoder.layer.'
+  if key.startswith(saved_decoder):
+    return 'decoder.decoder_layers.' + key[len(saved_decoder):]
+  return key
+
+
+def from_hf_state_dict(model: MaskedAutoencoder, state_dict: Mapping[str, Any],
+                       part: str = 'mae') -> dict[str, Any]:
   """Converts a ``ViTMAEForPreTraining`` state dict to mae_jax params; inverse of the above.
 
   Args:
-    model: the module to load into (``scan_layers=False``); its config must match the state
-      dict's (compare ``hf_config_dict(model)`` with the transformers config).
+    model: the module to load into (scanned or not); its config must match the state dict's
+      (compare ``hf_config_dict(model)`` with the transformers config).
     state_dict: ``{key: tensor}`` with torch tensors or numpy/jax arrays, under the installed
-      transformers' key names or the legacy (Hub / 4.x) ones. For a sin-cos model the position
-      embeddings may be left out; if present they must equal ``vit.sincos_2d`` (to
+      transformers' key names or the legacy (Hub / 4.x) ones, with or without the ``vit.``
+      prefix of the encoder (``ViTMAEForPreTraining`` or ``ViTMAEModel``). For a sin-cos model
+      the position embeddings may be left out; if present they must equal ``vit.sincos_2d`` (to
       ``SINCOS_ATOL``), since mae_jax does not store them.
+    part: 'mae' (every key must be there) or 'encoder' (only the encoder's; any other key is
+      an error).
 
   Returns:
-    Unboxed params: a nested dict of float32 numpy arrays, for ``model.apply({'params': p}, ...)``.
+    Unboxed params (of the encoder alone for ``part='encoder'``): a nested dict of float32
+    numpy arrays in ``model``'s layout, for ``model.apply({'params': p}, ...)``.
 
   Raises:
     ValueError: on missing, unexpected, duplicated or misshapen keys, or sin-cos position
       embeddings that are not sin-cos.
   """
-  rules = _rules(model)
-  shapes = _param_shapes(model)
-  _check_paths(set(shapes), {rule.path for rule in rules}, 'conversion rules')
+  scanned = model.scan_layers
+  model = model.clone(scan_layers=False)
+  rules = _rules(model, part)
+  shapes = param_shapes(model, part)
+  check_paths(set(shapes), {rule.path for rule in rules}, 'conversion rules')
   by_key = {}
   for rule in rules:
     by_key[rule.key] = by_key[rule.legacy_key] = rule
-  fixed = _fixed_position_embeddings(model)
+  fixed = _fixed_position_embeddings(model, part)
 
   found, unexpected = {}, []
   for key, value in state_dict.items():
+    key = canonical_key(key)
     if key in fixed:
-      array = _as_float32_numpy(value)
+      array = as_float32_numpy(value)
       if array.shape != fixed[key].shape or not np.allclose(array, fixed[key], rtol=0.0,
                                                              atol=SINCOS_ATOL):
         raise ValueError(f'{key} (shape {array.shape}) is not the {fixed[key].shape} sin-cos '
@@ -331,9 +426,10 @@ def from_hf_state_dict(model: MaskedAutoencoder, state_dict: Mapping[str, Any]) 
   flat = {}
   for rule in rules:
     key, value = found[rule.path]
-    w = _as_float32_numpy(value)
+    w = as_float32_numpy(value)
     expected = _hf_shape(rule.kind, shapes[rule.path], model)
     if w.shape != expected:
       raise ValueError(f'{key} has shape {w.shape}, the model expects {expected}')
     flat[rule.path] = np.ascontiguousarray(_from_hf(rule.kind, w, shapes[rule.path]))
-  return flax.traverse_util.unflatten_dict(flat)
+  params = flax.traverse_util.unflatten_dict(flat)
+  return scan_params(params) if scanned else params
