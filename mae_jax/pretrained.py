@@ -282,12 +282,12 @@ def import_weights(path: str, target: mae.MaskedAutoencoder, channel_rule: str =
                    'its initialisation')
   elif part == 'mae':
     notes.append('the source has no decoder: it starts from its initialisation')
-  source = mae.MaskedAutoencoder(**{**_mae_fields(target), **fields})
+  source = mae.MaskedAutoencoder(**{**mae.module_fields(target), **fields})
   if not use_decoder:
     state = {k: v for k, v in state.items() if k.startswith(hf_convert.ENCODER_PREFIX)}
   params = hf_convert.from_hf_state_dict(source, state, part='mae' if use_decoder else 'encoder')
   params = _adapt(params, source, target, channel_rule, notes)
-  unscanned_target = mae.MaskedAutoencoder(**{**_mae_fields(target), 'scan_layers': False})
+  unscanned_target = mae.MaskedAutoencoder(**{**mae.module_fields(target), 'scan_layers': False})
   expected = hf_convert.param_shapes(unscanned_target, 'mae' if use_decoder else 'encoder')
   flat = flax.traverse_util.flatten_dict(params)
   hf_convert.check_paths(set(expected), set(flat), f'params imported from {path}')
@@ -298,13 +298,6 @@ def import_weights(path: str, target: mae.MaskedAutoencoder, channel_rule: str =
   if target.scan_layers:
     params = hf_convert.scan_params(params)
   return ImportedWeights(params=params, source=path, notes=notes)
-
-
-def _mae_fields(model: mae.MaskedAutoencoder) -> dict[str, Any]:
-  """The ``MaskedAutoencoder`` fields of ``model`` (also of a ``DownstreamModel``)."""
-  names = [f.name for f in dataclasses.fields(mae.MaskedAutoencoder)
-           if f.name not in ('parent', 'name')]
-  return {name: getattr(model, name) for name in names}
 
 
 def place(params: Any, imported: ImportedWeights, shardings: Any) -> Any:

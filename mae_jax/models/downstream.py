@@ -53,14 +53,8 @@ class DownstreamModel(mae.MaskedAutoencoder):
 def model_from_config(config, train: bool = False) -> DownstreamModel:
   """Builds the model from a fine-tuning config (``config.model``, ``.task_name``, ``.head``)."""
   m = config.model
-  base = mae.model_from_config(m)
-  fields = {f: getattr(base, f) for f in (
-      'image_size', 'patch_size', 'num_channels', 'width', 'depth', 'num_heads', 'mlp_dim',
-      'decoder_width', 'decoder_depth', 'decoder_heads', 'decoder_mlp_dim', 'pos_embedding',
-      'mask_ratio', 'norm_pix_loss', 'layer_norm_eps', 'dtype', 'remat_policy', 'scan_layers',
-      'attention_implementation')}
   return DownstreamModel(
-      **fields, task=config.task_name, head_kind=config.head.kind,
+      **mae.module_fields(mae.model_from_config(m)), task=config.task_name, head_kind=config.head.kind,
       head_options=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
                                 for k, v in config.head.options.to_dict().items())),
       freeze_encoder=config.freeze_encoder, drop_path_rate=m.get('drop_path_rate', 0.0),

@@ -13,6 +13,7 @@ noise; the cls token is never masked.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -248,6 +249,13 @@ class MaskedAutoencoder(nn.Module):
     loss = reconstruction_loss(target, valid_patches, pred, mask, self.norm_pix_loss,
                                self.num_channels)
     return {'loss': loss, 'pred': pred, 'mask': mask}
+
+
+def module_fields(model: MaskedAutoencoder) -> dict[str, Any]:
+  """The :class:`MaskedAutoencoder` fields of ``model`` (also of a subclass such as the
+  downstream model), to build another module with the same encoder and decoder."""
+  return {f.name: getattr(model, f.name) for f in dataclasses.fields(MaskedAutoencoder)
+          if f.name not in ('parent', 'name')}
 
 
 def model_from_config(model_config, dtype_override: Any = None) -> MaskedAutoencoder:
