@@ -254,31 +254,20 @@ def evaluate_checkpoint(eval_config, workdir: str | None = None) -> dict[str, An
   the mesh, the splits, the batch size and optionally another dataset folder.
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from mae_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from mae_jax import finetune  # pylint: disable=g-import-not-at-top
+  from mae_jax import inference  # pylint: disable=g-import-not-at-top
   from mae_jax import sharding  # pylint: disable=g-import-not-at-top
-  from mae_jax.models import downstream  # pylint: disable=g-import-not-at-top
 
   if not eval_config.checkpoint:
     raise ValueError('config.checkpoint is empty: pass --config.checkpoint=PATH (a fine-tuning '
                      'workdir or one of its checkpoints/<step> folders)')
-  directory, step = ckpt_lib.locate(eval_config.checkpoint)
-  metadata = ckpt_lib.read_metadata(directory, step)
-  if metadata.get('task') != 'finetune':
-    raise ValueError(f'{directory}/{step} is a {metadata.get("task")!r} checkpoint: offline '
-                     'evaluation needs a fine-tuning or linear-probing one (a pretraining '
-                     'checkpoint has no head; fine-tune it first)')
-  config = ml_collections.ConfigDict(metadata['config'])
+  loaded = inference.load_downstream(eval_config.checkpoint, mesh_config=eval_config.mesh,
+                                     use_best=eval_config.use_best)
+  config, model, mesh, variables = loaded.config, loaded.model, loaded.mesh, loaded.variables
+  metadata, contract, task, step = loaded.metadata, loaded.contract, loaded.task, loaded.step
+  directory = loaded.checkpoint.rsplit('/', 1)[0]
   if eval_config.data_dir:
     config.dataset.data_dir = eval_config.data_dir
-  config.mesh = eval_config.mesh
-  task = config.task_name
   workdir = workdir or os.path.dirname(directory.rstrip('/'))
-  mesh = sharding.create_mesh(config.mesh)
-  rules = sharding.rules_from_config(config.logical_rules)
-  model = downstream.model_from_config(config, train=False)
-  contract = schema.InputContract.from_dict(metadata['input_contract'])
   dataset = data_input.HostDataset(config.dataset.data_dir, config.dataset.validation_split)
   differences = contract.differences(dataset.contract)
   if differences:
@@ -286,14 +275,7 @@ def evaluate_checkpoint(eval_config, workdir: str | None = None) -> dict[str, An
                      'trained on: ' + '; '.join(differences))
   mean, std = np.asarray(contract.mean, np.float32), np.asarray(contract.std, np.float32)
   batch = eval_config.batch_size or config.get('eval_batch_size', 0) or config.batch_size
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    tx = optax.identity()  # The optimiser state is not restored.
-    abstract, shardings = finetune.state_shardings(model, tx, mesh, rules)
-    source = 'best' if eval_config.use_best and config.get('select_best', True) else None
-    wanted = {k: ckpt_lib.abstract_like(abstract[k], shardings[k])
-              for k in ('params', 'batch_stats')}
-    restored = ckpt_lib.restore_subtree(directory, step, {source: wanted} if source else wanted)
-    variables = restored[source] if source else restored
+  with jax.set_mesh(mesh), nn.logical_axis_rules(loaded.rules):
     eval_fn = make_eval_fn(model, mean, std, task)
     features = (schema.IMAGE, label_feature(task), schema.REGION)
     results = evaluate_splits(task, config.dataset.data_dir, eval_fn, variables,
@@ -314,7 +296,7 @@ def evaluate_checkpoint(eval_config, workdir: str | None = None) -> dict[str, An
       predictions = np.where(no_data, schema.IGNORE_INDEX, predictions.argmax(-1))
     pictures[split] = prediction_figure(task, images, tiles[label_feature(task)], predictions)
   results.update({'checkpoint': f'{directory}/{step}', 'step': step, 'task_name': task,
-                  'head_kind': config.head.kind, 'weights': source or 'last',
+                  'head_kind': config.head.kind, 'weights': loaded.weights,
                   'init_checkpoint': metadata.get('init_checkpoint'),
                   'label_fraction': metadata.get('label_fraction')})
   out_dir = os.path.join(workdir, 'eval', str(step))
