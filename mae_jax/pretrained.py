@@ -52,6 +52,8 @@ from mae_jax.models import vit
 
 CHANNEL_RULES = ('mean', 'repeat')
 WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
+# transformers' index of a model saved in several safetensors shards.
+SHARDED_INDEX = 'model.safetensors.index.json'
 TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
 
 _ENCODER_LAYER = re.compile(r'^vit\.(?:layers|encoder\.layer)\.(\d+)\.')
@@ -88,14 +90,23 @@ def read_state_dict(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] | 
     if os.path.exists(config_path):
       with open(config_path) as f:
         config = json.load(f)
+    index = os.path.join(path, SHARDED_INDEX)
     found = [os.path.join(path, name) for name in WEIGHT_FILES
              if os.path.exists(os.path.join(path, name))]
-    if not found:
-      raise FileNotFoundError(f'init_from: no {" or ".join(WEIGHT_FILES)} in {path!r}')
-    weights = found[0]
-  if weights.endswith('.safetensors'):
+    if not found and not os.path.exists(index):
+      raise FileNotFoundError(f'init_from: no {" or ".join(WEIGHT_FILES)} (nor {SHARDED_INDEX}) '
+                              f'in {path!r}')
+    weights = found[0] if found else index
+  if weights.endswith(('.safetensors', SHARDED_INDEX)):
     from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-    state = safetensors_numpy.load_file(weights)
+    if weights.endswith(SHARDED_INDEX):  # Large models: shards listed in the index.
+      with open(weights) as f:
+        shards = sorted(set(json.load(f)['weight_map'].values()))
+      state = {}
+      for shard in shards:
+        state.update(safetensors_numpy.load_file(os.path.join(os.path.dirname(weights), shard)))
+    else:
+      state = safetensors_numpy.load_file(weights)
   elif weights.endswith(TORCH_SUFFIXES):
     try:
       import torch  # pylint: disable=g-import-not-at-top

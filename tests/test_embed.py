@@ -24,16 +24,6 @@ TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope='module')
-def pretrained(tmp_path_factory, tiny_dataset):
-  """A 3-step tiny pretraining workdir on the session dataset, and its config."""
-  from tests.conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
-  config = make_tiny_config(tiny_dataset)
-  workdir = str(tmp_path_factory.mktemp('pretrain'))
-  train.train_and_evaluate(config, workdir)
-  return workdir, config
-
-
-@pytest.fixture(scope='module')
 def saved(pretrained):
   """(full float32 params, checkpoint metadata) of the pretraining run, read back directly."""
   state, metadata = train.restore_state(pretrained[1], pretrained[0])

@@ -22,16 +22,6 @@ from mae_jax.models import downstream
 from mae_jax.models import mae
 
 
-@pytest.fixture(scope='module')
-def pretrained(tmp_path_factory, tiny_dataset):
-  """A 3-step tiny pretraining workdir on the session dataset."""
-  from tests.conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
-  config = make_tiny_config(tiny_dataset)
-  workdir = str(tmp_path_factory.mktemp('pretrain'))
-  train.train_and_evaluate(config, workdir)
-  return workdir, config
-
-
 def finetune_config(pretrained, task='vcf', kind='finetune', mesh=None):
   workdir, pre = pretrained
   config = downstream_configs.get_config(task, kind, 'tiny')

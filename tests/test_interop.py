@@ -76,6 +76,15 @@ def test_transformers_rgb_model_imports_bitwise_and_reproduces_its_loss(rgb_mae)
   np.testing.assert_array_equal(np.asarray(ours['mask']), out.mask.numpy())
 
 
+def test_sharded_transformers_folder_imports_the_same(rgb_mae, tmp_path):
+  params, model, folder = rgb_mae
+  transformers.ViTMAEForPreTraining.from_pretrained(folder).save_pretrained(
+      tmp_path, max_shard_size='20KB')
+  assert (tmp_path / 'model.safetensors.index.json').exists()
+  assert len(list(tmp_path.glob('model-*.safetensors'))) > 1
+  assert_bitwise_equal(pretrained.import_weights(str(tmp_path), model).params, params)
+
+
 @pytest.mark.parametrize('rule', pretrained.CHANNEL_RULES)
 def test_channel_rule_keeps_the_grey_image_response(rgb_mae, rule):
   """12 equal channels x give the RGB model's features for the grey image (x, x, x); each
