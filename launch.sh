@@ -850,25 +850,14 @@ local_kill_all() {
 # Waits for all processes; on the first failure kills the rest. Returns the first failure's
 # status, or 0.
 local_supervise() {
-  local first_status=0 pid status index ticker=""
+  local first_status=0 pid status index
   while (( ${#RUNNING[@]} )); do
     pid=""
     status=0
-    # A signal that lands just before bash blocks in `wait -n` runs its trap only when some
-    # child exits (a race in bash's wait). A one-second ticker among the waited children
-    # bounds that delay: when it exits, the loop comes round and the trap runs.
-    if [[ -z "${ticker}" ]]; then
-      sleep 1 &
-      ticker=$!
-    fi
     # Without stderr, because bash reports jobs killed by a signal there ("Killed" and the
     # whole command) and we report them ourselves. The trap runs inside this wait, hence its
     # own copy of stderr.
-    { wait -n -p pid "${!RUNNING[@]}" "${ticker}"; } 2>/dev/null || status=$?
-    if [[ "${pid-}" == "${ticker}" ]]; then
-      ticker=""
-      continue
-    fi
+    { wait -n -p pid "${!RUNNING[@]}"; } 2>/dev/null || status=$?
     if [[ -z "${pid-}" ]]; then
       # A trapped signal interrupted wait (its trap has run); wait again.
       (( status != 127 )) || { err "error: lost track of the processes"; return 1; }
@@ -885,10 +874,6 @@ local_supervise() {
       fi
     fi
   done
-  if [[ -n "${ticker}" ]]; then
-    disown "${ticker}" 2>/dev/null || true  # No "Terminated" notice from bash for it.
-    kill "${ticker}" 2>/dev/null || true
-  fi
   return "${first_status}"
 }
 
