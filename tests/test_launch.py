@@ -721,9 +721,13 @@ def test_local_failure_kills_the_others(fakes, probe):
 @pytest.mark.parametrize('how', ['SIGTERM to launch.sh', 'Ctrl-C'])
 def test_local_signal_reaches_every_process_once(fakes, probe, how):
   env, out = probe
+  # A shell puts SIGINT on ignore for what it starts in the background (POSIX), and bash cannot
+  # trap a signal ignored on entry: a suite started with `cmd &` would see no Ctrl-C at all.
+  # `env --default-signal` (coreutils, exec, same pid) gives the launcher a terminal's default.
   launcher = subprocess.Popen(
-      [str(LAUNCH), 'local', '2', '--module', 'launch_probe', '--', f'out={out}', 'trap=1',
-       'sleep0=30', 'sleep1=30'], env={**fakes.env, **env}, cwd=fakes.tmp,
+      ['env', '--default-signal=INT', str(LAUNCH), 'local', '2', '--module', 'launch_probe',
+       '--', f'out={out}', 'trap=1', 'sleep0=30', 'sleep1=30'], env={**fakes.env, **env},
+      cwd=fakes.tmp,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
   try:
     wait_for(lambda: all((out / f'env_{i}.json').exists() for i in range(2)), 'the processes')
