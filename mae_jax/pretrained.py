@@ -25,7 +25,8 @@ The encoder (width, depth, MLP width, patch size; heads where the source says) m
 * **Position embeddings**. Fixed sin-cos tables (official MAE and transformers) are recomputed
   for the target grid (28 x 28 for 448 px tiles, 14 x 14 in ImageNet's 224 px); a learned
   target table starts as that sin-cos table exactly. A learned source table is resized
-  bicubically to the target grid (the cls entry kept).
+  bicubically to the target grid (the cls entry kept), exactly as MAE's PyTorch
+  ``interpolate_pos_embed`` does it.
 * **Decoder**. Imported when the source has one of the target's size (``mae_visualize_*``,
   transformers' pretraining models); otherwise it starts from its initialisation.
 
@@ -211,14 +212,46 @@ def adapt_channels(weights: np.ndarray, channels: int, rule: str, scale: bool) -
   return out.astype(np.float32)
 
 
+def _cubic_weights(size_in: int, size_out: int) -> np.ndarray:
+  """The (size_out, size_in) matrix of PyTorch's bicubic resize along one axis.
+
+  Matches ``torch.nn.functional.interpolate(mode='bicubic', align_corners=False)``, which MAE's
+  ``interpolate_pos_embed`` uses: Keys' cubic with a = -0.75, source coordinate
+  ``(i + 0.5) * size_in / size_out - 0.5``, out-of-range taps clamped to the edge, no
+  antialiasing. ``jax.image.resize`` differs (a = -0.5, antialiased when shrinking), so a table
+  moved by it would not be the one the PyTorch code would have trained with.
+  """
+  a = -0.75
+
+  def kernel(d):
+    d = np.abs(d)
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    return np.where(d <= 1, near, np.where(d < 2, far, 0.0))
+
+  source = (np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5
+  floor = np.floor(source)
+  weights = np.zeros((size_out, size_in))
+  for tap in range(-1, 3):
+    index = np.clip(floor + tap, 0, size_in - 1).astype(int)
+    np.add.at(weights, (np.arange(size_out), index), kernel(source - (floor + tap)))
+  return weights
+
+
 def resize_position_table(table: np.ndarray, grid: int) -> np.ndarray:
-  """A learned (1, 1 + g * g, D) table bicubically resized to (1, 1 + grid * grid, D)."""
+  """A learned (1, 1 + g * g, D) table resized to (1, 1 + grid * grid, D), cls entry kept.
+
+  Bicubic as MAE's ``interpolate_pos_embed`` does it in PyTorch (``_cubic_weights``).
+  """
   old = int(round((table.shape[1] - 1)**0.5))
+  if old * old != table.shape[1] - 1:
+    raise ValueError(f'a position table of {table.shape[1]} entries is not 1 + a square grid')
   if old == grid:
     return table
-  patches = table[0, 1:].reshape(old, old, -1)
-  resized = jax.image.resize(patches, (grid, grid, patches.shape[-1]), method='bicubic')
-  return np.concatenate([table[0, :1], np.asarray(resized).reshape(grid * grid, -1)])[None]
+  weights = _cubic_weights(old, grid)
+  patches = np.asarray(table[0, 1:], np.float64).reshape(old, old, -1)
+  resized = np.einsum('yi,xj,ijd->yxd', weights, weights, patches).reshape(grid * grid, -1)
+  return np.concatenate([table[0, :1], resized.astype(table.dtype)])[None]
 
 
 def _adapt(params: dict[str, Any], source: mae.MaskedAutoencoder, target: mae.MaskedAutoencoder,

@@ -141,6 +141,22 @@ def _official_state_dict(hf_state, with_decoder=True):
   return out
 
 
+@pytest.mark.parametrize('old,new', [(14, 28), (28, 14), (14, 20), (2, 3)])
+def test_learned_position_table_resizes_as_mae_pytorch_does(old, new):
+  """Equals facebookresearch/mae's interpolate_pos_embed: torch bicubic, align_corners=False."""
+  table = np.random.default_rng(old * new).normal(size=(1, 1 + old * old, 8)).astype(np.float32)
+  grid = torch.from_numpy(table[0, 1:]).reshape(1, old, old, 8).permute(0, 3, 1, 2)
+  expected = torch.nn.functional.interpolate(grid.double(), size=(new, new), mode='bicubic',
+                                             align_corners=False)
+  expected = expected.permute(0, 2, 3, 1).reshape(new * new, 8).numpy()
+  resized = pretrained.resize_position_table(table, new)
+  assert resized.shape == (1, 1 + new * new, 8) and resized.dtype == np.float32
+  np.testing.assert_array_equal(resized[0, 0], table[0, 0])
+  np.testing.assert_allclose(resized[0, 1:], expected, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match='not 1 \\+ a square grid'):
+    pretrained.resize_position_table(table[:, :-1], new)
+
+
 def test_official_mae_pth_imports_like_transformers(rgb_mae, tmp_path):
   params, model, folder = rgb_mae
   hf_state = transformers.ViTMAEForPreTraining.from_pretrained(folder).state_dict()
