@@ -148,3 +148,43 @@ def check_step(done: int, metrics: dict[str, Any], feed: Feed, last_saved: int |
                              f'{float(metrics["grad_norm"])} at step {done}: training stopped '
                              f'without saving; {kept}')
   return metrics
+
+
+class StepChecks:
+  """When a loop checks its steps' metrics, and whether it logs, saves and stops after each.
+
+  Step t's metrics are checked after step t+1 is dispatched, so the host never idles the
+  devices; at log and save steps they are checked at once, so nothing unchecked is saved or
+  logged. A stop request (``check_step``'s verdict) turns the step into a save step.
+  """
+
+  def __init__(self, feed: Feed, *, start_step: int, stop_step: int, save_every: int,
+               log_every: int):
+    self._feed = feed
+    self._start_step = start_step
+    self._stop_step = stop_step
+    self._save_every = save_every
+    self._log_every = log_every
+    self._pending = None  # (step, metrics) dispatched but not yet checked.
+    self.skipped_records = 0  # Summed over every checked step.
+
+  def _check(self, done, metrics, last_saved):
+    values = check_step(done, metrics, self._feed, last_saved)
+    self.skipped_records += int(values.get('skipped_records', 0))
+    return values
+
+  def after(self, done: int, metrics: dict[str, Any], last_saved: int | None
+            ) -> tuple[dict[str, Any] | None, bool, bool, bool]:
+    """Step ``done`` was dispatched: (its checked values or None, log, save, stop)."""
+    stop = False
+    if self._pending is not None:
+      stop = bool(self._check(*self._pending, last_saved)['stop_requested'])
+    self._pending = (done, metrics)
+    save = done % self._save_every == 0 or done == self._stop_step or stop
+    log = done % self._log_every == 0 or done in (self._start_step + 1, self._stop_step)
+    values = None
+    if save or log:
+      values = self._check(done, metrics, last_saved)
+      self._pending = None
+      stop = stop or bool(values['stop_requested'])
+    return values, log or stop, save or stop, stop

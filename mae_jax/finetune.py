@@ -394,32 +394,24 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                  shuffle_buffer=config.dataset.shuffle_buffer, features=features)
     feed = faults.Feed(batches, lambda: no_data_batch(task, local_batch, train_data), stop_signal)
     last: dict[str, Any] = {}
-    pending = None  # As in pretraining: step t is checked after step t+1 is dispatched.
     stop_requested = False
+    checks = faults.StepChecks(feed, start_step=start_step, stop_step=stop_step,
+                               save_every=config.checkpoint.every_steps,
+                               log_every=config.log_every_steps)
     for step in range(start_step, stop_step):
       state, metrics = step_fn(state, data_input.global_batch(feed.next(step), batch_sharding),
                                seed)
       done = step + 1
-      stop_requested = False
-      if pending is not None:
-        stop_requested = bool(faults.check_step(*pending, feed, last_saved)['stop_requested'])
-      pending = (done, metrics)
+      values, log_now, save_now, stop_requested = checks.after(done, metrics, last_saved)
       if done % interval == 0 or done == total_steps:
         val_loss = validation_loss({'params': state['params'],
                                     'batch_stats': state['batch_stats']})
         state = best_fn(state, jnp.float32(val_loss))
         last['val_loss'] = val_loss
-      save_now = done % config.checkpoint.every_steps == 0 or done == stop_step or stop_requested
-      log_now = done % config.log_every_steps == 0 or done in (start_step + 1, stop_step)
-      if save_now or log_now:
-        values = faults.check_step(*pending, feed, last_saved)
-        pending = None
-        stop_requested = stop_requested or bool(values['stop_requested'])
-        save_now = save_now or stop_requested
-        if log_now or stop_requested:
-          last.update({k: float(values[k]) for k in ('loss', 'grad_norm', 'lr')})
-          writer.write_scalars(done, last)
-          writer.flush()
+      if log_now:
+        last.update({k: float(values[k]) for k in ('loss', 'grad_norm', 'lr')})
+        writer.write_scalars(done, last)
+        writer.flush()
       if save_now:
         checkpointer.save(done, state, metadata, force=True)
         last_saved = done

@@ -293,22 +293,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
            f'shard(s); steps {start_step} -> {stop_step}.')
 
     # --- Loop -----------------------------------------------------------------------------------
-    # Step t's metrics are read after step t+1 is dispatched, so the host never idles the
-    # devices; at log and checkpoint steps they are read at once, so nothing unchecked is saved.
     last_metrics: dict[str, Any] = {}
     preview = None
     compiled = None
     last_saved = latest
-    pending = None  # (step, metrics) dispatched but not yet checked.
     stopped_by = ''
-    skipped_total = 0
-
-    def checked(done, metrics):
-      nonlocal skipped_total
-      values = faults.check_step(done, metrics, feed, last_saved)
-      skipped_total += int(values.get('skipped_records', 0))
-      return values
-
+    checks = faults.StepChecks(feed, start_step=start_step, stop_step=stop_step,
+                               save_every=config.checkpoint.every_steps,
+                               log_every=config.log_every_steps)
     for step in range(start_step, stop_step):
       host_batch = feed.next(step)
       batch = data_input.global_batch(host_batch, batch_sharding)
@@ -321,25 +313,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         throughput.start(step)
       state, metrics = compiled(state, batch)
       done = step + 1
-      stop_requested = False
-      if pending is not None:
-        stop_requested = bool(checked(*pending)['stop_requested'])
-      pending = (done, metrics)
-      save_now = done % config.checkpoint.every_steps == 0 or done == stop_step or stop_requested
-      log_now = done % config.log_every_steps == 0 or done in (start_step + 1, stop_step)
-      if save_now or log_now:
-        values = checked(*pending)
-        pending = None
-        stop_requested = stop_requested or bool(values['stop_requested'])
-        save_now = save_now or stop_requested
-        if log_now or stop_requested:
-          last_metrics = {k: float(v) for k, v in values.items()
-                          if k in ('loss', 'grad_norm', 'lr')}
-          if 'skipped_records' in values:
-            last_metrics['skipped_records'] = float(skipped_total)
-          last_metrics.update(throughput.report(done))
-          writer.write_scalars(done, last_metrics)
-          writer.flush()
+      values, log_now, save_now, stop_requested = checks.after(done, metrics, last_saved)
+      if log_now:
+        last_metrics = {k: float(v) for k, v in values.items() if k in ('loss', 'grad_norm', 'lr')}
+        if 'skipped_records' in values:
+          last_metrics['skipped_records'] = float(checks.skipped_records)
+        last_metrics.update(throughput.report(done))
+        writer.write_scalars(done, last_metrics)
+        writer.flush()
       if done % config.image_every_steps == 0 or done == stop_step:
         images = recon_fn(state['params'], preview, done)
         if jax.process_index() == 0:

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 import damage
 from mae_jax import checkpoint as ckpt_lib
+from mae_jax import faults
 from mae_jax import sharding
 from mae_jax import train
 from tiny_config import run
@@ -177,3 +178,44 @@ def test_distributed_settings_from_environment(monkeypatch):
   assert distributed.agree(lambda: 7, 'x') == 7
   with pytest.raises(KeyError):
     distributed.agree(lambda: {}['missing'], 'x')
+
+
+def test_step_checks_defer_one_step_except_at_log_and_save_steps():
+  """Hand-worked schedule: saves at 4, 8, 10; logs at 1, 3, 6, 9, 10; a stop saves at once."""
+
+  class NoFeedError:
+    error = None
+
+  def metrics(finite=True, stop=False, skipped=0):
+    return {'data_error_process': -1, 'finite': finite, 'stop_requested': stop, 'loss': 1.0,
+            'grad_norm': 1.0, 'skipped_records': skipped}
+
+  def walk(checks, steps, overrides):
+    verdicts = {}
+    for done in steps:
+      values, log, save, stop = checks.after(done, metrics(**overrides.get(done, {})), None)
+      verdicts[done] = (values is not None, log, save, stop)
+      if stop:
+        break
+    return verdicts
+
+  checks = faults.StepChecks(NoFeedError(), start_step=0, stop_step=10, save_every=4,
+                             log_every=3)
+  verdicts = walk(checks, range(1, 11), {2: {'skipped': 2}, 5: {'skipped': 1}})
+  assert {d for d, v in verdicts.items() if v[1]} == {1, 3, 6, 9, 10}
+  assert {d for d, v in verdicts.items() if v[2]} == {4, 8, 10}
+  # Values come back exactly at log or save steps; every step is checked once, at the latest
+  # when the next one is dispatched, so the skipped-record count sees steps 2 and 5 once each.
+  assert all(v[0] == (v[1] or v[2]) for v in verdicts.values())
+  assert checks.skipped_records == 3
+
+  # A stop requested at step 5 (neither log nor save) is seen after step 6 and saves it.
+  checks = faults.StepChecks(NoFeedError(), start_step=0, stop_step=10, save_every=4,
+                             log_every=100)
+  verdicts = walk(checks, range(1, 11), {5: {'stop': True}})
+  assert max(verdicts) == 6 and verdicts[6] == (True, True, True, True)
+  # A non-finite step that is neither logged nor saved raises when the next one is dispatched.
+  checks = faults.StepChecks(NoFeedError(), start_step=0, stop_step=10, save_every=4,
+                             log_every=100)
+  with pytest.raises(FloatingPointError, match='at step 2'):
+    walk(checks, range(1, 11), {2: {'finite': False}})
