@@ -78,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.regions = ()
   # > 1: shuffle. The local reader shuffles whole epochs; the tf.data one (gs://) shuffles in a
   # window of this many raw records per host (~4.8 MB each at 448 px).
+  # Batches read and copied to the devices ahead of the step, on a thread, so the copy (308 MB
+  # for 64 tiles at 448 px) overlaps the step; 0 = read each batch when its step starts.
+  c.dataset.device_prefetch = 2
   c.dataset.shuffle_buffer = 256
   # Parts the split is cut into, each read by one process and shuffled on its own; a global
   # batch takes batch_size / data_shards examples from each (data_pipeline.data_shards). 0 = one
@@ -105,10 +108,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.norm_pix_loss = 'patch'  # 'none' | 'patch' | 'patch_channel'
   c.model.layer_norm_eps = 1e-6
   c.model.dtype = 'bfloat16'  # Compute dtype; params and optimiser state stay float32.
-  c.model.remat_policy = 'none'  # 'none' | 'full' | 'dots' | 'save_dots'
+  # 'none' | 'full' | 'dots' | 'save_dots', or 'auto': the fastest of none, dots, full whose
+  # compiled step fits the device's memory by XLA's own plan (mae_jax.memory).
+  c.model.remat_policy = 'none'
   c.model.scan_layers = False
-  # 'auto': jax.nn.dot_product_attention on accelerators, einsum form on CPU; or 'xla',
-  # 'cudnn', 'einsum' (mae_jax.models.vit.attention).
+  # 'auto': cuDNN flash attention on NVIDIA GPUs (bfloat16), XLA's on TPUs, the einsum form on
+  # CPUs; or force 'cudnn', 'xla' or 'einsum' (mae_jax.models.vit.resolve_attention).
   c.model.attention_implementation = 'auto'
 
   c.optim = ml_collections.ConfigDict()
@@ -180,7 +185,7 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     c.total_steps = 800 * 450_000 // 4096
     c.optim.warmup_steps = 40 * 450_000 // 4096
     if preset != 'mae_b':
-      c.model.remat_policy = 'dots'
+      c.model.remat_policy = 'auto'  # Remat only where the step would not fit without.
       c.model.scan_layers = True
     if preset == 'mae_h':
       c.mesh.fsdp = 8

@@ -58,7 +58,7 @@ damage in a truncated one, included, so the epoch layout and every good record's
 content stay those of a clean read.
 
 Images stay float16 dB (NaN = no-data) on the host; ``mae_jax.preprocess`` casts and normalises
-them on the device. ``global_batch`` turns per-host batches into one global ``jax.Array``.
+them on the device. ``data_pipeline.device_batches`` turns per-host batches into global arrays.
 """
 
 from __future__ import annotations
@@ -1346,12 +1346,6 @@ class HostDataset:
     return BadRecordError(f'{self.data_dir} split {self._split_name!r}: tf.data failed '
                           f'({_tf_message(error)}), but reading the files again record by '
                           'record found no bad record')
-
-
-def global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, Any]:
-  """Assembles per-process batches into global arrays split along the batch axis."""
-  return {key: jax.make_array_from_process_local_data(sharding, value)
-          for key, value in local_batch.items()}
 
 
 def read_split_index(data_dir: str, split: str,

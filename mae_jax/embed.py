@@ -140,13 +140,10 @@ def embed_step(params, images, *, model, mean, std, pool):
 def encoder_from_metadata(metadata: Mapping[str, Any]) -> _Encoder:
   """The float32 encoder of a checkpoint's ``metadata['model']``."""
   model_config = ml_collections.ConfigDict(dict(metadata['model']))
+  model_config.attention_implementation = 'auto'  # This machine's choice, not the run's.
   validate.check_model(model_config)
   full = mae.model_from_config(model_config, dtype_override=jnp.float32)
-  fields = mae.module_fields(full)
-  if fields['attention_implementation'] == 'cudnn':
-    # cuDNN's fused attention has no float32 kernel; XLA's computes the same attention.
-    fields['attention_implementation'] = 'xla'
-  return _Encoder(**fields)
+  return _Encoder(**mae.module_fields(full))
 
 
 def weights_source(metadata: Mapping[str, Any], use_best: bool) -> str | None:

@@ -31,6 +31,7 @@ import optax
 from etils import epath
 from matplotlib.backends import backend_agg
 
+from data_pipeline import device_batches
 from data_pipeline import input as data_input
 from data_pipeline import render
 from data_pipeline import schema
@@ -105,7 +106,7 @@ def accumulate(eval_fn, variables, batches: Iterable[dict[str, np.ndarray]], sha
       for key in (schema.IMAGE, schema.VCF, schema.WORLDCOVER):
         if key in host_batch:
           examples.setdefault(key, []).append(np.array(host_batch[key][real]))
-    stats = eval_fn(variables, data_input.global_batch(host_batch, sharding))
+    stats = eval_fn(variables, device_batches.global_batch(host_batch, sharding))
     totals = metrics_lib.add_sums(totals, jax.device_get(stats))
   kept = {k: np.concatenate(v)[:keep_images] for k, v in examples.items()}
   return totals, kept

@@ -56,7 +56,7 @@ def load_params(path: str, part: str = 'mae', use_best: bool = True):
     raise ValueError(f'{where} is a {task!r} checkpoint, which has no decoder: export its '
                      'encoder with --part=encoder')
   model = mae.model_from_config(ml_collections.ConfigDict(metadata['model']),
-                                dtype_override=jnp.float32)
+                                dtype_override=jnp.float32, attention_override='auto')
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = flax.traverse_util.unflatten_dict({
       key: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=device)

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from etils import epath
 
+from data_pipeline import device_batches
 from data_pipeline import input as data_input
 from data_pipeline import schema
 from data_pipeline import subsets
@@ -398,26 +399,28 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     checks = faults.StepChecks(feed, start_step=start_step, stop_step=stop_step,
                                save_every=config.checkpoint.every_steps,
                                log_every=config.log_every_steps)
-    for step in range(start_step, stop_step):
-      state, metrics = step_fn(state, data_input.global_batch(feed.next(step), batch_sharding),
-                               seed)
-      done = step + 1
-      values, log_now, save_now, stop_requested = checks.after(done, metrics, last_saved)
-      if done % interval == 0 or done == total_steps:
-        val_loss = validation_loss({'params': state['params'],
-                                    'batch_stats': state['batch_stats']})
-        state = best_fn(state, jnp.float32(val_loss))
-        last['val_loss'] = val_loss
-      if log_now:
-        last.update({k: float(values[k]) for k in ('loss', 'grad_norm', 'lr')})
-        writer.write_scalars(done, last)
-        writer.flush()
-      if save_now:
-        checkpointer.save(done, state, metadata, force=True)
-        last_saved = done
-      if stop_requested:
-        stop_step = done
-        break
+    with device_batches.DevicePrefetch(
+        feed.next, batch_sharding, start_step=start_step, stop_step=stop_step,
+        depth=config.dataset.device_prefetch) as prefetch:
+      for step in range(start_step, stop_step):
+        state, metrics = step_fn(state, prefetch.next(step), seed)
+        done = step + 1
+        values, log_now, save_now, stop_requested = checks.after(done, metrics, last_saved)
+        if done % interval == 0 or done == total_steps:
+          val_loss = validation_loss({'params': state['params'],
+                                      'batch_stats': state['batch_stats']})
+          state = best_fn(state, jnp.float32(val_loss))
+          last['val_loss'] = val_loss
+        if log_now:
+          last.update({k: float(values[k]) for k in ('loss', 'grad_norm', 'lr')})
+          writer.write_scalars(done, last)
+          writer.flush()
+        if save_now:
+          checkpointer.save(done, state, metadata, force=True)
+          last_saved = done
+        if stop_requested:
+          stop_step = done
+          break
     checkpointer.close()  # Waits until every save is committed.
     if stop_requested:
       writer.close()

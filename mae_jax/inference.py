@@ -99,6 +99,9 @@ def load_downstream(checkpoint_path: str, mesh_config: Any = None,
   if hasattr(mesh_config, 'to_dict'):
     mesh_config = mesh_config.to_dict()
   config.mesh = ml_collections.ConfigDict({**DEFAULT_MESH, **(mesh_config or {})})
+  # The attention implementation is this machine's choice (the run may have forced cuDNN on a
+  # GPU), not part of the model.
+  config.model.attention_implementation = 'auto'
   mesh = sharding.create_mesh(config.mesh)
   rules = sharding.rules_from_config(config.logical_rules)
   model = downstream.model_from_config(config, train=False)

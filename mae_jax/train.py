@@ -32,10 +32,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from etils import epath
 
 from data_pipeline import data_shards as data_shards_lib
+from data_pipeline import device_batches
 from data_pipeline import input as data_input
 from data_pipeline import render
 from data_pipeline import schema
@@ -44,9 +44,11 @@ from mae_jax import checkpoint as ckpt_lib
 from mae_jax import distributed
 from mae_jax import faults
 from mae_jax import flops as flops_lib
+from mae_jax import memory
 from mae_jax import optim
 from mae_jax import plots
 from mae_jax import preprocess
+from mae_jax import pretrain_step
 from mae_jax import pretrained
 from mae_jax import sharding
 from mae_jax import state as state_lib
@@ -77,56 +79,11 @@ def architecture(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {k: values[k] for k in ARCHITECTURE_FIELDS}
 
 
-def step_key(seed: int, step: jax.Array) -> jax.Array:
-  """The PRNG key of one step: independent of mesh, process count and restarts."""
-  return jax.random.fold_in(jax.random.key(seed), step)
-
-
-def loss_fn(params, model, patches, valid, noise):
-  out = model.apply({'params': params}, patches, valid, noise, method=model.forward_patches)
-  return out['loss']
-
-
-def train_step(state, batch, *, model, tx, schedule, mean, std, seed, accum_steps):
-  """One optimiser step on a global batch: normalise, mask, forward, backward, update."""
-  step = state['step']
-  patches, valid = preprocess.normalise_patches(batch[schema.IMAGE], model.patch_size, mean, std)
-  noise = jax.random.uniform(step_key(seed, step), (patches.shape[0], model.num_patches))
-  grad_fn = jax.value_and_grad(loss_fn)
-  if accum_steps == 1:
-    loss, grads = grad_fn(state['params'], model, patches, valid, noise)
-  else:
-    # Strided micro-batches keep every micro-batch evenly split over the data axes.
-    def micro(x):
-      return x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
-
-    def body(carry, xs):
-      loss_sum, grad_sum = carry
-      loss, grads = grad_fn(state['params'], model, *xs)
-      return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
-
-    zeros = jax.tree.map(jnp.zeros_like, state['params'])
-    (loss, grads), _ = jax.lax.scan(body, (jnp.zeros(()), zeros),
-                                    (micro(patches), micro(valid), micro(noise)))
-    loss, grads = loss / accum_steps, jax.tree.map(lambda g: g / accum_steps, grads)
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
-  grad_norm = optax.tree.norm(grads)
-  # A non-finite loss or gradient leaves params and optimiser state as they were, so the state
-  # the trainer may still save is the last good one; the host stops on seeing `finite` false.
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep_good = lambda new, old: jnp.where(finite, new, old)
-  params = jax.tree.map(keep_good, params, state['params'])
-  opt_state = jax.tree.map(keep_good, opt_state, state['opt_state'])
-  metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(step), 'finite': finite,
-             **faults.step_signals(batch)}
-  return {'step': step + 1, 'params': params, 'opt_state': opt_state}, metrics
-
-
 def reconstruct(params, images_f16, step, *, model, mean, std, seed):
   """(original, masked, reconstruction) in dB for a few tiles, as in He et al.'s figures."""
   images, valid = preprocess.normalise(images_f16, mean, std)
-  noise = jax.random.uniform(step_key(seed, step), (images.shape[0], model.num_patches))
+  noise = jax.random.uniform(pretrain_step.step_key(seed, step),
+                             (images.shape[0], model.num_patches))
   out = model.apply({'params': params}, images, valid, noise)
   target = mae.patchify(images, model.patch_size)
   valid_p = mae.patchify(valid.astype(jnp.float32), model.patch_size)
@@ -257,11 +214,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       report(f'Resumed from {checkpointer.directory}/{latest}.')
     start_step = int(jax.device_get(state['step']))
 
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, schedule=schedule, mean=mean, std=std,
-                          seed=config.seed, accum_steps=config.optim.grad_accum_steps),
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+    def step_fn(remat_policy):
+      return jax.jit(
+          functools.partial(pretrain_step.train_step, model=model.clone(remat_policy=remat_policy),
+                            tx=tx, schedule=schedule, mean=mean, std=std, seed=config.seed,
+                            accum_steps=config.optim.grad_accum_steps),
+          in_shardings=(state_sharding, batch_sharding),
+          out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
     # Reconstructions run on every process (params are global arrays); process 0 writes them.
     recon_fn = jax.jit(functools.partial(reconstruct, model=model, mean=mean, std=std,
                                          seed=config.seed), out_shardings=sharding.replicated(mesh))
@@ -301,36 +260,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checks = faults.StepChecks(feed, start_step=start_step, stop_step=stop_step,
                                save_every=config.checkpoint.every_steps,
                                log_every=config.log_every_steps)
-    for step in range(start_step, stop_step):
-      host_batch = feed.next(step)
-      batch = data_input.global_batch(host_batch, batch_sharding)
-      if preview is None:
-        preview = first_rows(batch[schema.IMAGE])
-      if compiled is None:  # Compile ahead of time so timing excludes it.
-        t0 = time.perf_counter()
-        compiled = step_fn.lower(state, batch).compile()
-        report(f'Compiled the train step in {time.perf_counter() - t0:.1f} s.')
-        throughput.start(step)
-      state, metrics = compiled(state, batch)
-      done = step + 1
-      values, log_now, save_now, stop_requested = checks.after(done, metrics, last_saved)
-      if log_now:
-        last_metrics = {k: float(v) for k, v in values.items() if k in ('loss', 'grad_norm', 'lr')}
-        if 'skipped_records' in values:
-          last_metrics['skipped_records'] = float(checks.skipped_records)
-        last_metrics.update(throughput.report(done))
-        writer.write_scalars(done, last_metrics)
-        writer.flush()
-      if done % config.image_every_steps == 0 or done == stop_step:
-        images = recon_fn(state['params'], preview, done)
-        if jax.process_index() == 0:
-          write_reconstruction(writer, workdir, done, images)
-      if save_now:
-        checkpointer.save(done, state, metadata, force=True)
-        last_saved = done
-      if stop_requested:
-        stopped_by = stop_signal.name or 'SIGTERM on another process'
-        break
+    # Reads and copies to the devices run ahead of the step on a thread.
+    with device_batches.DevicePrefetch(
+        feed.next, batch_sharding, start_step=start_step, stop_step=stop_step,
+        depth=config.dataset.device_prefetch) as prefetch:
+      for step in range(start_step, stop_step):
+        batch = prefetch.next(step)
+        if preview is None:
+          preview = first_rows(batch[schema.IMAGE])
+        if compiled is None:  # Compile ahead of time so timing excludes it.
+          t0 = time.perf_counter()
+          limit = memory.device_memory_bytes()
+          compiled, remat, planned = memory.compile_fitting(
+              lambda policy: step_fn(policy).lower(state, batch).compile(),
+              config.model.remat_policy, limit)
+          report(f'Compiled the train step in {time.perf_counter() - t0:.1f} s (remat {remat}'
+                 + (f'; XLA plans {planned / 1e9:.1f} GB per device' if planned else '')
+                 + (f' of {limit / 1e9:.1f} GB' if planned and limit else '') + ').')
+          throughput.start(step)
+        state, metrics = compiled(state, batch)
+        done = step + 1
+        values, log_now, save_now, stop_requested = checks.after(done, metrics, last_saved)
+        if log_now:
+          last_metrics = {k: float(v) for k, v in values.items()
+                          if k in ('loss', 'grad_norm', 'lr')}
+          if 'skipped_records' in values:
+            last_metrics['skipped_records'] = float(checks.skipped_records)
+          last_metrics.update(throughput.report(done))
+          writer.write_scalars(done, last_metrics)
+          writer.flush()
+        if done % config.image_every_steps == 0 or done == stop_step:
+          images = recon_fn(state['params'], preview, done)
+          if jax.process_index() == 0:
+            write_reconstruction(writer, workdir, done, images)
+        if save_now:
+          checkpointer.save(done, state, metadata, force=True)
+          last_saved = done
+        if stop_requested:
+          stopped_by = stop_signal.name or 'SIGTERM on another process'
+          break
     checkpointer.close()  # Waits until every save is committed.
     writer.close()
   if stopped_by:

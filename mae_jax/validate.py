@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
+
 from mae_jax.models import mae
+from mae_jax.models import vit
 
 
 class ConfigError(ValueError):
@@ -25,6 +28,13 @@ def check_model(model_config: Any) -> None:
     if width % heads:
       raise ConfigError(f'config.model.{part}.width={width} is not divisible by '
                         f'config.model.{part}.heads={heads}')
+  attention = model_config.get('attention_implementation', 'auto')
+  for part in ('encoder', 'decoder'):
+    head_dim = model_config[part].width // model_config[part].heads
+    try:
+      vit.resolve_attention(attention, jnp.dtype(model_config.dtype), head_dim)
+    except ValueError as e:
+      raise ConfigError(f'config.model.{e} (the {part}: head dim {head_dim})') from None
   if model_config.norm_pix_loss not in mae.NORM_PIX_CHOICES:
     raise ConfigError(f'config.model.norm_pix_loss={model_config.norm_pix_loss!r} must be one of '
                       f'{mae.NORM_PIX_CHOICES}')

@@ -47,6 +47,18 @@ def test_heads_that_do_not_divide_the_width(tiny_config, tmp_path):
     train.train_and_evaluate(tiny_config, str(tmp_path))
 
 
+def test_an_attention_implementation_that_cannot_run_here(tiny_config, tmp_path):
+  tiny_config.model.attention_implementation = 'cudnn'  # These CPUs have no cuDNN.
+  with pytest.raises(validate.ConfigError,
+                     match=r"config\.model\.attention_implementation='cudnn' cannot run here: it "
+                     r"needs an NVIDIA GPU .* use 'auto' .*encoder: head dim 16"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert not (tmp_path / 'checkpoints').exists()
+  tiny_config.model.attention_implementation = 'flash'
+  with pytest.raises(validate.ConfigError, match=r'attention_implementation must be one of'):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+
+
 def test_missing_dataset_names_the_path(tiny_config, tmp_path):
   tiny_config.dataset.data_dir = str(tmp_path / 'absent')
   with pytest.raises(FileNotFoundError, match='absent'):

@@ -169,6 +169,83 @@ def test_attention_implementations_agree():
     vit.attention(q, k, v, 'flash')
 
 
+@pytest.mark.parametrize('length, min_head_dim', [
+    (197, 0), (785, 0), (128, 0),  # encoder, decoder, already a multiple of 64
+    (197, 64)])                     # and heads zero-padded from 16 to 64
+def test_padded_length_masked_attention_equals_unpadded(length, min_head_dim):
+  # The path cuDNN runs (inputs padded to a multiple of 64, padding masked by per-example
+  # lengths), here with XLA's kernel, against the plain einsum form: outputs and gradients.
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, length, 2, 16)) for i in range(3))
+  cotangent = jax.random.normal(jax.random.key(3), q.shape)
+  def loss(attend):
+    return lambda q, k, v: jnp.sum(attend(q, k, v) * cotangent)
+  padded = lambda q, k, v: vit.padded_attention(q, k, v, 'xla', min_head_dim=min_head_dim)
+  with jax.default_matmul_precision('highest'):
+    got, got_grads = jax.jit(jax.value_and_grad(loss(padded), argnums=(0, 1, 2)))(q, k, v)
+    want, want_grads = jax.jit(jax.value_and_grad(loss(vit.einsum_attention),
+                                                  argnums=(0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(jax.jit(padded)(q, k, v), vit.einsum_attention(q, k, v),
+                               rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for name, a, b in zip('qkv', got_grads, want_grads):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=f'gradient of {name}')
+
+
+class FakeDevice:
+  """What resolve_attention reads of a device."""
+
+  def __init__(self, platform, kind, capability=None):
+    self.platform, self.device_kind = platform, kind
+    if capability:
+      self.compute_capability = capability
+
+
+def test_auto_attention_per_backend_and_named_ones_fail_at_start_up(monkeypatch):
+  h200, a100 = FakeDevice('gpu', 'NVIDIA H200', '9.0'), FakeDevice('gpu', 'NVIDIA A100', '8.0')
+  v100, tpu = FakeDevice('gpu', 'Tesla V100', '7.0'), FakeDevice('tpu', 'TPU v4')
+  cpu = FakeDevice('cpu', 'cpu')
+  resolve = vit.resolve_attention
+  assert resolve('auto', jnp.bfloat16, 64, device=h200) == 'cudnn'
+  assert resolve('auto', jnp.bfloat16, 32, device=a100) == 'cudnn'
+  assert resolve('auto', jnp.float32, 64, device=h200) == 'xla'   # cuDNN has no float32 kernel
+  assert resolve('auto', jnp.bfloat16, 160, device=a100) == 'xla'  # head dim over Ampere's 128
+  assert resolve('auto', jnp.bfloat16, 160, device=h200) == 'cudnn'
+  assert resolve('auto', jnp.bfloat16, 64, device=v100) == 'xla'
+  assert resolve('auto', jnp.bfloat16, 64, device=tpu) == 'xla'
+  assert resolve('auto', jnp.float32, 64, device=cpu) == 'einsum'
+  for name in ('xla', 'einsum'):
+    assert resolve(name, jnp.float32, 64, device=cpu) == name
+  for device, dtype, head_dim, reason in [
+      (cpu, jnp.bfloat16, 64, "compute capability 8.0 or newer, found 'cpu'"),
+      (v100, jnp.bfloat16, 64, 'compute capability 8.0'),
+      (h200, jnp.float32, 64, 'bfloat16 or float16 compute, got float32'),
+      (h200, jnp.bfloat16, 36, 'multiple of 8 up to 256, got 36')]:
+    with pytest.raises(ValueError, match=f"attention_implementation='cudnn' cannot run here: "
+                       f".*{reason}.*use 'auto'"):
+      resolve('cudnn', dtype, head_dim, device=device)
+  assert resolve('cudnn', jnp.bfloat16, 64, device=h200) == 'cudnn'
+  # Sequences shorter than CUDNN_AUTO_MIN_LENGTH stay with XLA under 'auto'.
+  monkeypatch.setattr(vit, 'CUDNN_AUTO_MIN_LENGTH', 256)
+  assert resolve('auto', jnp.bfloat16, 64, 197, device=h200) == 'xla'
+  assert resolve('auto', jnp.bfloat16, 32, 785, device=h200) == 'cudnn'
+  assert resolve('cudnn', jnp.bfloat16, 64, 197, device=h200) == 'cudnn'
+
+
+@pytest.mark.parametrize('keep', [3, 10])  # the encoder's kept tokens; the decoder's unshuffle
+def test_take_rows_gradient_is_the_gather_gradient(keep):
+  x = jax.random.normal(jax.random.key(0), (3, 10, 4))
+  noise = jax.random.uniform(jax.random.key(1), (3, 10))
+  ids = jnp.argsort(noise, axis=1)[:, :keep]
+  inverse = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
+  weights = jax.random.normal(jax.random.key(2), (3, keep, 4))
+  ours = jax.grad(lambda x: jnp.sum(mae.take_rows(x, ids, inverse) * weights))(x)
+  plain = jax.grad(lambda x: jnp.sum(jnp.take_along_axis(x, ids[..., None], 1) * weights))(x)
+  np.testing.assert_array_equal(mae.take_rows(x, ids, inverse),
+                                jnp.take_along_axis(x, ids[..., None], 1))
+  np.testing.assert_array_equal(ours, plain)
+  assert int(jnp.sum(jnp.any(ours != 0, axis=-1))) == 3 * keep  # rows not taken get zero
+
+
 def test_normalising_in_patch_layout_equals_normalising_images():
   from mae_jax import preprocess
   rng = np.random.default_rng(0)

@@ -76,7 +76,7 @@ def test_checkpoint_of_another_model_is_refused(tiny_config, tmp_path):
 def test_gradient_accumulation_equals_the_full_batch(tiny_config):
   import functools
   import flax.linen as nn
-  from mae_jax import optim, sharding, state as state_lib
+  from mae_jax import optim, pretrain_step, sharding, state as state_lib
   from mae_jax.models import mae as mae_lib
   config = tiny_config
   model = mae_lib.model_from_config(config.model)
@@ -90,8 +90,9 @@ def test_gradient_accumulation_equals_the_full_batch(tiny_config):
     _, shardings = state_lib.state_shardings(model, tx, mesh, rules)
     for accum in (1, 2):
       state = state_lib.create_state(model, tx, jax.random.key(0), shardings)
-      step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
-                                       mean=mean, std=std, seed=0, accum_steps=accum))
+      step = jax.jit(functools.partial(pretrain_step.train_step, model=model, tx=tx,
+                                       schedule=schedule, mean=mean, std=std, seed=0,
+                                       accum_steps=accum))
       state, metrics = step(state, {'image': jax.device_put(images, sharding.batch_sharding(mesh))})
       state, metrics = step(state, {'image': jax.device_put(images, sharding.batch_sharding(mesh))})
       results.append((jax.device_get(state['params']), float(metrics['loss'])))

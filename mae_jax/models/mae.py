@@ -51,6 +51,32 @@ def unpatchify(patches: jax.Array, patch_size: int, channels: int) -> jax.Array:
   return x.reshape(batch, side * patch_size, side * patch_size, channels)
 
 
+@jax.custom_vjp
+def take_rows(x: jax.Array, ids: jax.Array, inverse: jax.Array) -> jax.Array:
+  """``x[b, ids[b, i]]`` for (B, L, D) ``x`` and (B, K) ``ids`` of distinct rows.
+
+  ``inverse`` (B, L) gives each row of ``x`` its place in ``ids``, or any value >= K for a
+  row not taken. The gradient is then a gather by ``inverse`` rather than the scatter-add
+  that ``take_along_axis`` differentiates to (atomics on GPUs); the values are the same.
+  """
+  return jnp.take_along_axis(x, ids[..., None], axis=1)
+
+
+def _take_rows_fwd(x, ids, inverse):
+  return take_rows(x, ids, inverse), (inverse, x.shape[1])
+
+
+def _take_rows_bwd(residuals, grad):
+  inverse, length = residuals
+  # Rows that were not taken read one of the appended zero rows.
+  padded = jnp.pad(grad, ((0, 0), (0, length - grad.shape[1]), (0, 0)))
+  rows = jnp.take_along_axis(padded, jnp.minimum(inverse, length - 1)[..., None], axis=1)
+  return rows, None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
 def random_masking(tokens: jax.Array, noise: jax.Array, keep: int):
   """Keeps the ``keep`` tokens with the smallest noise, per example.
 
@@ -58,7 +84,7 @@ def random_masking(tokens: jax.Array, noise: jax.Array, keep: int):
   """
   ids_shuffle = jnp.argsort(noise, axis=1)
   ids_restore = jnp.argsort(ids_shuffle, axis=1)
-  kept = jnp.take_along_axis(tokens, ids_shuffle[:, :keep, None], axis=1)
+  kept = take_rows(tokens, ids_shuffle[:, :keep], ids_restore)
   mask = (ids_restore >= keep).astype(jnp.float32)
   return kept, mask, ids_restore
 
@@ -223,7 +249,8 @@ class MaskedAutoencoder(nn.Module):
     mask_tokens = jnp.broadcast_to(self.mask_token.astype(x.dtype),
                                    (batch, num_masked, self.decoder_width))
     patches = jnp.concatenate([x[:, 1:], mask_tokens], axis=1)
-    patches = jnp.take_along_axis(patches, ids_restore[..., None], axis=1)
+    # ids_restore is a permutation; its inverse (argsort) carries the gradient back.
+    patches = take_rows(patches, ids_restore, jnp.argsort(ids_restore, axis=1))
     x = jnp.concatenate([x[:, :1], patches], axis=1) + self.decoder_pos.astype(x.dtype)
     x = nn.with_logical_constraint(x, vit.ACTIVATION_AXES)
     # Drop cls before the wide prediction layer: its output would be discarded anyway.
@@ -258,8 +285,14 @@ def module_fields(model: MaskedAutoencoder) -> dict[str, Any]:
           if f.name not in ('parent', 'name')}
 
 
-def model_from_config(model_config, dtype_override: Any = None) -> MaskedAutoencoder:
-  """Builds the module from the ``config.model`` section."""
+def model_from_config(model_config, dtype_override: Any = None,
+                      attention_override: str | None = None) -> MaskedAutoencoder:
+  """Builds the module from the ``config.model`` section.
+
+  Tools that rebuild a saved model on this machine pass ``attention_override='auto'``: the
+  attention implementation is a choice of the machine (cuDNN on the GPU a run trained on),
+  not part of the model.
+  """
   dtype = jnp.dtype(dtype_override or model_config.dtype)
   return MaskedAutoencoder(
       image_size=model_config.image_size,
@@ -280,5 +313,6 @@ def model_from_config(model_config, dtype_override: Any = None) -> MaskedAutoenc
       dtype=dtype,
       remat_policy=model_config.remat_policy,
       scan_layers=model_config.scan_layers,
-      attention_implementation=model_config.get('attention_implementation', 'auto'),
+      attention_implementation=(attention_override
+                                or model_config.get('attention_implementation', 'auto')),
   )

@@ -55,26 +55,25 @@ class MlpBlock(nn.Module):
     return x
 
 
-class HeadsProjection(nn.Module):
-  """(B, T, D) -> (B, T, heads, head_dim) with a (D, heads, head_dim) kernel.
+class HeadsProjectionParams(nn.Module):
+  """The (D, heads, head_dim) kernel and (heads, head_dim) bias of one of q, k, v.
 
-  Written out rather than taken from ``nn.DenseGeneral``, which flattens its kernel to 2-D
-  before initialising it and so cannot carry 3-D logical axis names.
+  Declared here rather than through ``nn.DenseGeneral``, which flattens its kernel to 2-D
+  before initialising it and so cannot carry 3-D logical axis names. Only the params: the
+  attention applies q, k and v together as one matmul (:class:`SelfAttention`).
   """
   num_heads: int
   head_dim: int
-  dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, width: int) -> tuple[jax.Array, jax.Array]:
     # Fans are embed and heads * head_dim, as for MAE's (embed, embed) projections.
     init = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
     kernel = self.param('kernel', partitioned(init, ('embed', 'heads', 'kv')),
-                        (x.shape[-1], self.num_heads, self.head_dim), jnp.float32)
+                        (width, self.num_heads, self.head_dim), jnp.float32)
     bias = self.param('bias', partitioned(nn.initializers.zeros, ('heads', 'kv')),
                       (self.num_heads, self.head_dim), jnp.float32)
-    x = x.astype(self.dtype)
-    return jnp.einsum('btd,dnh->btnh', x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    return kernel, bias
 
 
 class HeadsOutput(nn.Module):
@@ -94,6 +93,73 @@ class HeadsOutput(nn.Module):
 
 
 ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'einsum')
+# cuDNN's flash attention refuses sequence lengths it does not tile (the MAE's 1 + 196 and
+# 1 + 784 among them), so its inputs are padded up to a multiple of this and the padding is
+# masked out with per-example lengths; padding never changes the result (tests/test_model.py).
+FLASH_LENGTH_MULTIPLE = 64
+# Head dims below this are zero-padded up to it for cuDNN (0 = never; padded_attention).
+FLASH_MIN_HEAD_DIM = 0
+# cuDNN flash attention: Ampere or newer, 16-bit inputs, head dims a multiple of 8 up to 128
+# (256 on Hopper and newer).
+CUDNN_MIN_COMPUTE_CAPABILITY = (8, 0)
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+# 'auto' picks cuDNN on sequences at least this long (before padding), XLA's form on shorter
+# ones, by the per-shape timings of bench/bench_attention.py.
+CUDNN_AUTO_MIN_LENGTH = 0
+
+
+def cuda_compute_capability(device: jax.Device | None = None) -> tuple[int, int] | None:
+  """(major, minor) of an NVIDIA GPU, or None for any other device."""
+  device = device or jax.local_devices()[0]
+  capability = getattr(device, 'compute_capability', None)
+  if device.platform != 'gpu' or not capability:
+    return None
+  return tuple(int(part) for part in str(capability).split('.')[:2])
+
+
+def cudnn_unsupported(dtype: Dtype, head_dim: int, device: jax.Device | None = None) -> str:
+  """Why cuDNN flash attention cannot run this attention here ('' when it can)."""
+  capability = cuda_compute_capability(device)
+  if capability is None or capability < CUDNN_MIN_COMPUTE_CAPABILITY:
+    found = (device or jax.local_devices()[0]).device_kind
+    return f'it needs an NVIDIA GPU of compute capability 8.0 or newer, found {found!r}'
+  if jnp.dtype(dtype) not in [jnp.dtype(d) for d in CUDNN_DTYPES]:
+    return (f'it needs bfloat16 or float16 compute, got {jnp.dtype(dtype).name} '
+            '(config.model.dtype)')
+  max_head_dim = 256 if capability >= (9, 0) else 128
+  if head_dim % 8 or head_dim > max_head_dim:
+    return f'it needs a head dim that is a multiple of 8 up to {max_head_dim}, got {head_dim}'
+  return ''
+
+
+def resolve_attention(implementation: str, dtype: Dtype, head_dim: int, length: int = 0,
+                      device: jax.Device | None = None) -> str:
+  """The implementation ``implementation`` stands for on ``device`` ('auto' resolved).
+
+  'auto': cuDNN flash attention on NVIDIA GPUs wherever it supports the shape and dtype (XLA's
+  form materialises the (T, T) weights of every head: forward + backward of one 785-token
+  decoder attention, batch 64, took 8.6 ms with XLA and 2.15 ms with cuDNN on an H200); XLA's
+  form on TPUs (a Pallas splash kernel is not measured here yet); the einsum form on CPUs
+  (1.3-1.7x faster than XLA's there). ``bench/bench_attention.py`` times each per shape.
+  A named implementation that cannot run raises here, naming the option, before any compile.
+  """
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f'attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, '
+                     f'got {implementation!r}')
+  device = device or jax.local_devices()[0]
+  if implementation == 'auto':
+    if device.platform == 'cpu':
+      return 'einsum'
+    if (device.platform == 'gpu' and length >= CUDNN_AUTO_MIN_LENGTH
+        and not cudnn_unsupported(dtype, head_dim, device)):
+      return 'cudnn'
+    return 'xla'
+  if implementation == 'cudnn':
+    reason = cudnn_unsupported(dtype, head_dim, device)
+    if reason:
+      raise ValueError(f"attention_implementation='cudnn' cannot run here: {reason}; "
+                       "use 'auto' (picks what runs) or 'xla'")
+  return implementation
 
 
 def einsum_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
@@ -104,25 +170,52 @@ def einsum_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.
   return jnp.einsum('bnqk,bknh->bqnh', weights, value)
 
 
-def attention(query, key, value, implementation: str = 'auto') -> jax.Array:
-  """Dispatches to an attention implementation.
+def padded_attention(query: jax.Array, key: jax.Array, value: jax.Array, implementation: str,
+                     multiple: int | None = None, min_head_dim: int | None = None) -> jax.Array:
+  """``jax.nn.dot_product_attention`` on padded inputs, equal to unpadded attention.
 
-  'auto' uses ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPUs, XLA's fused
-  form on TPUs) except on CPUs, where the plain einsum form measured 1.3-1.7x faster for the
-  785-token decoder (bench/bench_step.py); 'xla' and 'cudnn' force the library call.
+  Lengths are padded up to ``multiple`` (default :data:`FLASH_LENGTH_MULTIPLE`): padded keys get
+  zero weight through ``key_value_seq_lengths``, padded query rows are computed and dropped,
+  so they receive no gradient. Head dims under ``min_head_dim`` (default
+  :data:`FLASH_MIN_HEAD_DIM`; 0 = never) are padded with zeros, which add nothing to q . k or
+  to the output, with the scale of the true head dim: flash kernels can run faster on the
+  wider heads they are tuned for.
   """
-  if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f'attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, '
-                     f'got {implementation!r}')
-  if implementation == 'auto':
-    implementation = 'einsum' if jax.default_backend() == 'cpu' else 'xla'
+  batch, length, _, head_dim = query.shape
+  multiple = multiple or FLASH_LENGTH_MULTIPLE
+  min_head_dim = FLASH_MIN_HEAD_DIM if min_head_dim is None else min_head_dim
+  padded = -(-length // multiple) * multiple
+  wide = max(head_dim, min_head_dim)
+  lengths = None
+  if padded != length:
+    lengths = jnp.full((batch,), length, jnp.int32)
+  if padded != length or wide != head_dim:
+    pad = ((0, 0), (0, padded - length), (0, 0), (0, wide - head_dim))
+    query, key, value = (jnp.pad(x, pad) for x in (query, key, value))
+  out = jax.nn.dot_product_attention(query, key, value, scale=head_dim**-0.5,
+                                     query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  return out[:, :length, :, :head_dim]
+
+
+def attention(query, key, value, implementation: str = 'auto') -> jax.Array:
+  """Softmax self-attention over (B, T, N, H) inputs by ``resolve_attention``'s choice."""
+  implementation = resolve_attention(implementation, query.dtype, query.shape[-1],
+                                     query.shape[1])
   if implementation == 'einsum':
     return einsum_attention(query, key, value)
-  return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
+  if implementation == 'cudnn':
+    return padded_attention(query, key, value, 'cudnn')
+  return jax.nn.dot_product_attention(query, key, value, implementation='xla')
 
 
 class SelfAttention(nn.Module):
-  """Multi-head self-attention; see :func:`attention` for the implementations."""
+  """Multi-head self-attention; see :func:`attention` for the implementations.
+
+  q, k and v keep their own params (``query``, ``key``, ``value``: the layout of MAE and
+  transformers checkpoints) but are computed as one matmul with the three kernels side by
+  side: one wider matmul forward and one for the input gradient instead of three each.
+  """
   num_heads: int
   dtype: Dtype = jnp.float32
   implementation: str = 'auto'
@@ -133,11 +226,13 @@ class SelfAttention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
     head_dim = width // self.num_heads
+    kernels, biases = zip(*(HeadsProjectionParams(self.num_heads, head_dim, name=name)(width)
+                            for name in ('query', 'key', 'value')))
+    kernel = jnp.stack(kernels, axis=1).astype(self.dtype)   # (D, 3, heads, head_dim)
+    bias = jnp.stack(biases, axis=0).astype(self.dtype)      # (3, heads, head_dim)
+    qkv = jnp.einsum('btd,dsnh->btsnh', x.astype(self.dtype), kernel) + bias
     heads_axes = ('batch', 'seq', 'act_heads', None)
-    query, key, value = (
-        nn.with_logical_constraint(HeadsProjection(self.num_heads, head_dim, self.dtype,
-                                                   name=name)(x), heads_axes)
-        for name in ('query', 'key', 'value'))
+    query, key, value = (nn.with_logical_constraint(qkv[:, :, i], heads_axes) for i in range(3))
     out = attention(query, key, value, self.implementation)
     out = nn.with_logical_constraint(out, heads_axes)
     return HeadsOutput(width, self.dtype, name='out')(out)
@@ -186,6 +281,9 @@ class EncoderBlock(nn.Module):
 
 REMAT_POLICIES = {
     'none': None,
+    # The pretraining trainer resolves 'auto' to the fastest policy whose compiled step fits
+    # the device (mae_jax.memory); anywhere else it means no remat.
+    'auto': None,
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     'save_dots': jax.checkpoint_policies.checkpoint_dots,
@@ -218,7 +316,7 @@ class Transformer(nn.Module):
       raise ValueError(f'remat_policy must be one of {sorted(REMAT_POLICIES)}, '
                        f'got {self.remat_policy!r}')
     block = EncoderBlock
-    if self.remat_policy != 'none':
+    if REMAT_POLICIES[self.remat_policy] is not None:
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy],
                        prevent_cse=not self.scan_layers)
     kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
