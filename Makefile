@@ -2,6 +2,7 @@
 #   make demo   builds the embedded dataset and pretrains the tiny MAE on it (~3 min on 2 cores)
 #   make study-quick  the label-efficiency study on that dataset (~25 min on 2 cores)
 #   make test   runs the test suite on 8 fake CPU devices (~10 min on 2 cores)
+#   make test-fast  the everyday tier: no end-to-end or multi-process tests (~2 min)
 # Both create .venv from the pinned requirements on first use.
 
 PYTHON ?= python3
@@ -11,7 +12,7 @@ DEMO_DATA ?= data/synthetic_tiny
 DEMO_WORKDIR ?= workdirs/demo
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo study-quick test bench venv clean
+.PHONY: demo study-quick test test-fast bench venv clean
 
 # The environment takes about 3.7 GB (TensorFlow 1.3, PyTorch 0.75, jaxlib 0.35) plus about 1.3 GB of
 # wheels while pip installs; pip's cache is off so the wheels are not kept a second time. With
@@ -48,6 +49,12 @@ study-quick: $(VENV)/.installed $(DEMO_DATA)/dataset_info.json
 
 test: $(VENV)/.installed
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests
+
+# Markers (pytest.ini): integration = a trainer or tool end to end; multiprocess = several
+# processes. CI and `make test` run everything.
+test-fast: $(VENV)/.installed
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q \
+	    -m 'not integration and not multiprocess' tests
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench_step.py --preset tiny --repeats 5

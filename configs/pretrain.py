@@ -5,22 +5,18 @@ Run (the embedded dataset is built by ``make demo`` or ``python -m data_pipeline
   python -m mae_jax.main --config configs/pretrain.py:tiny --workdir /tmp/mae_tiny \
       [--config.total_steps=300 --config.batch_size=32 --config.seed=0 --config.mesh.fsdp=2]
 
-Presets and expected cost (model FLOPs from ``mae_jax.flops``; 448 px, patch 16, 28 x 28 patches):
+Presets (448 px, patch 16, 28 x 28 patches unless said; model FLOPs per preset, measured
+throughput and what a pod run costs are in bench/README.md):
   * ``tiny``: 128 px tiles (8 x 8 patches), ViT width 128 x 4 blocks, 2 x 64 decoder, raw
-    targets: the CPU demo and tests. 0.354 GFLOP per example per training step; 300 steps of
-    batch 32 take ~3 min on 2 CPU cores.
+    targets: the CPU demo and tests (300 steps of batch 32 on 2 CPU cores: ``make demo``).
   * ``poster``: the poster authors' released setup. ViT-B/16, one 512-wide decoder block
     (16 heads), learned position embeddings, raw z-scored targets, AdamW 1.5e-4 constant,
-    (0.9, 0.999), wd 0.01, no warmup; batch 8 per device; 75 epochs of ~450 K tiles
-    (~4.2 M steps at batch 8, or ~130 K steps at batch 256). 142 GFLOP per example per step
-    (3 x 47.4 forward): ~36 s per epoch of 450 K tiles (75 epochs: ~45 min) on a v4-32
-    (16 chips) at 40 % MFU.
-  * ``mae_ti`` / ``mae_s`` / ``mae_b`` / ``mae_l`` / ``mae_h``: He et al.'s recipe at 448 px: sin-cos embeddings,
-    8 x 512 decoder, per-patch normalised targets, AdamW (0.9, 0.95), lr 1.5e-4 x batch / 256,
-    40-epoch warmup then cosine, wd 0.05, batch 4096, 800 epochs. Forward GFLOP per example
-    (all with the 8 x 512 decoder, ~52 of it): 56 (Ti), 63 (S), 91 (B), 180 (L), 313 (H); one epoch of 450 K tiles on a v4-32 at 40 % MFU takes ~70 s (B),
-    ~140 s (L), ~240 s (H), so 800 epochs take ~16 h (B) to ~53 h (H) there. Set
-    ``--config.mesh.fsdp`` so params and optimiser state fit (ViT-H: fsdp >= 8).
+    (0.9, 0.999), wd 0.01, no warmup; batch 8 per device; 75 epochs of ~450 K tiles.
+  * ``mae_ti`` / ``mae_s`` / ``mae_b`` / ``mae_l`` / ``mae_h``: He et al.'s recipe at 448 px:
+    sin-cos embeddings, 8 x 512 decoder, per-patch normalised targets, AdamW (0.9, 0.95), lr
+    1.5e-4 x batch / 256, 40-epoch warmup then cosine, wd 0.05, batch 4096, 800 epochs. Set
+    ``--config.mesh.fsdp`` so params and optimiser state fit (ViT-H: fsdp >= 8 on 32 GB chips);
+    L and H scan their layers and remat only where the step would not fit otherwise.
 """
 
 import ml_collections

@@ -1,7 +1,7 @@
 """Reads Earth Engine TFRecord patch exports into georeferenced patches.
 
-An image exported by Earth Engine as ``TF_RECORD_IMAGE`` (see ``DATA.md``, "Earth Engine TFRecord
-patch exports") is a set of shards ``<prefix>-00000.tfrecord.gz``, ``<prefix>-00001...`` holding
+An image exported by Earth Engine as ``TF_RECORD_IMAGE`` (Earth Engine's TFRecord patch export)
+is a set of shards ``<prefix>-00000.tfrecord.gz``, ``<prefix>-00001...`` holding
 one ``tf.train.Example`` per patch, plus a sidecar ``<prefix>-mixer.json`` (the "mixer") that says
 where the patches lie:
 

@@ -20,15 +20,14 @@ local folders and the second for URLs (``gs://...``):
   :class:`_ArrayPool`), which spares the kernel faulting in and zeroing fresh pages. TFRecord
   length headers are checked against their CRC; payload CRCs only with
   ``verify_checksums=True``, the first time the dataset reads each record, through
-  TensorFlow's C++ record reader (CRC32C at GB/s is out of reach of Python): on 448 px tiles
-  and 2 cores that epoch reads ~6x slower from the page cache and ~1.7x from disk, later ones
-  as fast as without.
+  TensorFlow's C++ record reader (CRC32C at GB/s is out of reach of Python): that first epoch
+  reads slower, later ones as fast as without (costs in bench/README.md).
 * ``'tf'``: ``tf.data``. Files in an order drawn from (seed, epoch), interleaved, raw serialised
   records shuffled in a window of ``shuffle_buffer`` records, batched, then one vectorised
   ``tf.io.parse_example`` per batch with a spec of only the requested features. It works on any
-  filesystem TensorFlow knows, with several copies per tile and CRC checks of every record: on
-  448 px tiles on 2 cores, ~10x slower than ``'local'`` from the page cache and ~2.5x from disk
-  (``bench/bench_input.py``). Copy data to a local disk to train fast.
+  filesystem TensorFlow knows, with several copies per tile and CRC checks of every record, and
+  is several times slower than ``'local'`` (bench/README.md). Copy data to a local disk to
+  train fast.
 
 Both readers parse only the features asked for, so records carrying features this module does
 not know (added by a newer writer) read fine. The two readers give different orders: resume a
@@ -83,10 +82,8 @@ from data_pipeline import writer
 
 _EPOCH_SEED_STRIDE = 1_000_003
 # Reader threads of the local reader. Their work is mostly preads, which release the GIL: from
-# the page cache a memory copy (more threads than cores cost nothing measurable), from disk a
-# wait, where more reads in flight keep the disk busier (on 2 cores, 4 threads read cold files
-# ~1.3x faster than 2; posix_fadvise(WILLNEED) hints did as well but cost a quarter of the CPU
-# of a warm read, and more than 4 threads gave nothing more).
+# the page cache a memory copy, from disk a wait, where more reads in flight keep the disk
+# busier; bench/README.md has the measurements behind the count.
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 _READ_THREADS = min(16, max(4, 2 * _CORES))
 # Bytes read at once while walking a record's protobuf structure: every feature but the big

@@ -1,6 +1,6 @@
 """Per-tile labels from GeoTIFFs: MODIS VCF percent tree cover and ESA WorldCover classes.
 
-Two downstream targets (``seed/authors_setup.md``, "Downstream"; ``DATA.md``):
+Two downstream targets, as the poster's authors defined them in their released code:
 
 * :func:`vcf_tile_mean`: one number per tile, the area-weighted mean of MOD44B
   ``Percent_Tree_Cover`` (or one of the other two VCF percentage bands) over the valid 250 m VCF

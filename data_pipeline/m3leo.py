@@ -1,6 +1,6 @@
 """Reads the chips the poster's authors released (geetiles / M3LEO layout) into mae_jax units.
 
-One folder per area of interest (``seed/authors_setup.md``, "Data (geetiles / M3LEO layout)")::
+One folder per area of interest, as the authors' geetiles tooling writes it::
 
   <aoi>/<aoi>_partitions_aschips_<hash>.geojson        chip polygons (EPSG:4326), 13-hex ids
   <aoi>/<aoi>_partitions_aschips_<hash>_splits_60bands_angle<a>_60-20-20.csv   identifier, split

@@ -2,7 +2,7 @@
 
 Band order, units, clipping, on-disk quantisation, WorldCover class codes, region names and the
 TFDS feature spec live here and are imported everywhere else. The band order follows the poster's
-authors (``seed/authors_setup.md``): VV-VH for winter, spring, summer, fall, then VV for the four
+authors' released code: VV-VH for winter, spring, summer, fall, then VV for the four
 seasons, then VH. All backscatter is sigma0 in dB; VV-VH is the dB difference (= the log ratio).
 
 The :class:`InputContract` travels with every dataset (TFDS metadata) and every checkpoint, so a

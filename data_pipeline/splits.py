@@ -1,7 +1,7 @@
 """Geographic train / validation / test splits of chips: the poster authors' banding scheme.
 
 Neighbouring chips share land cover, so a random split leaks the test set into training. The
-poster's authors (``seed/authors_setup.md``, geetiles ``PartitionSet.split``) cut each area of
+poster's authors (their geetiles ``PartitionSet.split``) cut each area of
 interest into parallel stripes instead and label them cyclically: 3 train, 1 test, 1 validation.
 
 The scheme, for the chips of ONE area:

@@ -6,7 +6,8 @@ owns that geometry:
 
 * :func:`utm_crs` picks the WGS 84 UTM zone (EPSG:326xx / 327xx) of a point.
 * :func:`grid_for_bounds` builds a :class:`TileGrid` over an area: north-up, origin snapped to the
-  pixel lattice (``DATA.md``, "rasterio habits"), extent rounded up to whole tiles.
+  pixel lattice (so neighbouring tiles and rasters share pixel edges), extent rounded up to whole
+  tiles.
 * :func:`tiles` cuts a grid into :class:`TileSpec` s (row-major), each with its transform, bounds,
   centre lon/lat and a deterministic id.
 * :func:`read_on_tile` reads bands of a GeoTIFF onto one tile through a ``WarpedVRT`` (only the
@@ -169,8 +170,8 @@ def grid_for_bounds(bounds: Sequence[float], bounds_crs, pixel_size: float = DEF
                                          [(bottom + top) / 2])
     crs = utm_crs(lons[0], lats[0])
   crs = rasterio.crs.CRS.from_user_input(crs)
-  # Pixel sizes are metres: a geographic grid "at 10 m" would be 10 degrees (DATA.md warns about
-  # the EPSG:4326 variant of this mistake).
+  # Pixel sizes are metres: a geographic grid "at 10 m" would be 10 degrees (the EPSG:4326
+  # variant of this mistake is a common one).
   if not crs.is_projected or (crs.linear_units or '').lower() not in ('metre', 'meter', 'm'):
     raise ValueError(f'grid CRS must be projected with metre units, got {crs.to_string()}')
   if crs != bounds_crs:
@@ -372,7 +373,7 @@ def read_on_tile(path, tile: TileSpec, resampling: str | Resampling = 'bilinear'
   (the result is float32 either way, with NaN for no data; cast after checking it).
 
   ``in_linear_power=True`` (backscatter in dB only): averaging dB values underestimates the mean
-  power (Jensen's inequality; ``DATA.md`` quotes -11.4 vs -7.3 dB for a composite), so the source
+  power (Jensen's inequality; -11.4 vs -7.3 dB for one composite of real Sentinel-1), so the source
   window under the tile plus a margin for the resampling kernel is read at native resolution,
   converted to linear power (10^(dB/10)), reprojected onto the tile with
   ``rasterio.warp.reproject`` from that in-memory array, and converted back (10 log10). Kernels

@@ -238,7 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         dataset.batches(local_batch, seed=config.seed, start_step=start_step,
                         num_steps=num_steps, shuffle_buffer=config.dataset.shuffle_buffer),
         lambda: {schema.IMAGE: np.full(image_shape, np.nan, np.float16)}, stop_signal,
-        skip_mode=config.dataset.get('max_bad_records', 0) > 0)
+        skip_mode=config.dataset.max_bad_records > 0)
 
     flops_per_example = flops_lib.mae_train_flops(model)
     peak, peak_source = flops_lib.device_peak_flops(
@@ -310,8 +310,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def reader_options(dataset_config: ml_collections.ConfigDict) -> dict[str, Any]:
   """HostDataset options for bad records, from config.dataset."""
-  return {'verify_checksums': dataset_config.get('verify_checksums', False),
-          'max_bad_records': dataset_config.get('max_bad_records', 0)}
+  return {'verify_checksums': dataset_config.verify_checksums,
+          'max_bad_records': dataset_config.max_bad_records}
 
 
 def check_data_layout(saved: dict[str, Any] | None, current: dict[str, Any],
@@ -321,7 +321,7 @@ def check_data_layout(saved: dict[str, Any] | None, current: dict[str, Any],
     return
   diffs = [f'{key}: checkpoint {saved.get(key)!r} != now {current.get(key)!r}'
            for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
-  if diffs and not dataset_config.get('allow_new_data_order', False):
+  if diffs and not dataset_config.allow_new_data_order:
     raise ValueError(f'{where}: resuming here would change the order of the training data ('
                      + '; '.join(diffs) + '); restore the settings, or pass '
                      '--config.dataset.allow_new_data_order=True to continue in a new order')

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Makes TensorFlow, TFDS and CLU look uninstalled, as on an image that has none of them.
 HIDE_TENSORFLOW = '''

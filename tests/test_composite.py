@@ -24,7 +24,7 @@ AUSTRIA = 'S1A_IW_GRDH_1SDV_20170613T165043_33UUP_61_39'
 AUSTRIA_SOUTH = 'S1A_IW_GRDH_1SDV_20170613T165043_33UUP_61_40'
 IRELAND = 'S1A_IW_GRDH_1SDV_20170617T064724_29UPU_36_85'
 PORTUGAL = 'S1A_IW_GRDH_1SDV_20171221T064238_29SND_56_35'
-# DATA.md: 1st..99th percentile of real VV and VH backscatter.
+# 1st..99th percentile of real VV and VH backscatter (the real samples).
 VV_RANGE_DB = (-25.0, 2.0)
 VH_RANGE_DB = (-37.0, -9.0)
 
@@ -144,7 +144,7 @@ def test_composite_of_a_real_patch():
   for season in ('spring', 'summer', 'fall'):
     np.testing.assert_allclose(channel('vv_minus_vh', season),
                                channel('vv', season) - channel('vh', season), atol=1e-5)
-  # Plausible dB ranges (DATA.md) for the real (summer) composite and a positive VV-VH.
+  # Plausible dB ranges for the real (summer) composite and a positive VV-VH.
   low, high = np.percentile(channel('vv', 'summer'), (1, 99))
   assert VV_RANGE_DB[0] - 3 < low and high < VV_RANGE_DB[1] and -16 < np.median(vv) < -9
   low, high = np.percentile(channel('vh', 'summer'), (1, 99))

@@ -1,6 +1,6 @@
 """Tests for data_pipeline.ee_export: Earth Engine TFRecord patch exports read back and placed.
 
-Every test writes its own small export the way Earth Engine lays one out (DATA.md): one
+Every test writes its own small export the way Earth Engine lays one out: one
 tf.train.Example per patch with one float feature per band (row-major H * W values), shards
 ``<prefix>-NNNNN.tfrecord[.gz]`` and a ``<prefix>-mixer.json``.
 """

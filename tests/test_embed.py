@@ -17,6 +17,8 @@ from mae_jax import embed
 from mae_jax import train
 from mae_jax.models import mae
 
+pytestmark = pytest.mark.integration
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Embeddings are float32 computed two ways (sharded batches vs one direct pass), so they agree
 # up to summation order.

@@ -22,6 +22,8 @@ from mae_jax import train
 from tiny_config import run
 from mae_jax import validate
 
+pytestmark = pytest.mark.integration
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -21,6 +21,8 @@ from mae_jax import train
 from mae_jax.models import downstream
 from mae_jax.models import mae
 
+pytestmark = pytest.mark.integration
+
 
 def finetune_config(pretrained, task='vcf', kind='finetune', mesh=None):
   workdir, pre = pretrained
@@ -144,6 +146,19 @@ def test_frozen_encoder_does_not_move_and_head_does(pretrained, tmp_path):
   restored = ckpt_lib.restore_subtree(directory, step, target)['params']
   jax.tree.map(np.testing.assert_array_equal, restored,
                downstream.split_params(jax.device_get(state['params']))[0])
+  # The head did train: every head kernel differs from its initial value (same seed, same init).
+  initial = nn.meta.unbox(downstream.init_variables_fn(
+      downstream.model_from_config(config, train=True))(jax.random.key(config.seed)))
+  initial_head = downstream.split_params(initial['params'])[1]
+  head_target = {'params': jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                        initial_head)}
+  trained_head = ckpt_lib.restore_subtree(directory, step, head_target)['params']
+  kernels = [(path, a, b) for (path, a), b in zip(
+      jax.tree_util.tree_flatten_with_path(trained_head)[0], jax.tree.leaves(initial_head))
+             if 'kernel' in jax.tree_util.keystr(path)]
+  assert kernels
+  for path, trained, init in kernels:
+    assert np.abs(np.asarray(trained) - np.asarray(init)).max() > 0, jax.tree_util.keystr(path)
   metadata = ckpt_lib.read_metadata(directory, step)
   assert metadata['task'] == 'finetune' and metadata['head_kind'] == 'linear_probe'
 

@@ -28,7 +28,7 @@ BEN = os.path.join(SAMPLES, 'bigearthnet_s1_tiny')
 PYROSAR = os.path.join(SAMPLES, 'pyrosar_s1_db',
                        'S1A__IW___A_20150309T173017_VV_grd_mli_geo_norm_db.tif')
 AUSTRIA = [f'S1A_IW_GRDH_1SDV_20170613T165043_33UUP_61_{n}' for n in (39, 40, 41)]
-# Plausible dB ranges (DATA.md: 1st..99th percentiles -25..+2 for VV and -37..-9 for VH), widened
+# Plausible dB ranges (real 1st..99th percentiles -25..+2 for VV and -37..-9 for VH), widened
 # to the extremes real scenes reach.
 VV_RANGE, VH_RANGE = (-35.0, 15.0), (-45.0, 5.0)
 SEASON_OFFSET_DB = {'20170115': -1.5, '20170415': 0.5, '20171015': -0.5}  # SYNTHETIC dates

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.integration
+
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 

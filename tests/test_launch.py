@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.multiprocess
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / 'launch.sh'
 TIMEOUT = 30  # Seconds for any one subprocess: a bug must fail a test, never hang CI.

@@ -9,6 +9,8 @@ import pytest
 from mae_jax import memory
 from mae_jax.models import mae
 
+pytestmark = pytest.mark.integration
+
 
 @functools.lru_cache(maxsize=None)
 def compiled_grad_step(policy):

@@ -13,11 +13,14 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 import damage
 from mae_jax import checkpoint as ckpt_lib
 from mae_jax import train
 from tiny_config import losses, run
+
+pytestmark = pytest.mark.multiprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, 'launch.sh')

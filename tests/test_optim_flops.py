@@ -43,7 +43,7 @@ def test_weight_decay_only_on_weight_matrices():
 
 
 def test_flops_by_hand_for_the_design_figures():
-  # DESIGN.md: at 448 px the ViT-B encoder costs ~38 GFLOP forward, the 8 x 512 decoder ~52.
+  # At 448 px the ViT-B encoder costs ~38 GFLOP forward, the 8 x 512 decoder ~52 (README).
   model = mae.MaskedAutoencoder()
   total = flops.mae_forward_flops(model) / 1e9
   poster = flops.mae_forward_flops(mae.MaskedAutoencoder(decoder_depth=1)) / 1e9

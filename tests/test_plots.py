@@ -20,11 +20,6 @@ def _image(vv, vh, ratio, season='summer', shape=(2, 3)):
   return image
 
 
-def test_documented_ranges():
-  assert render.DISPLAY_RANGES_DB == {'vv': (-25.0, 0.0), 'vh': (-30.0, -5.0),
-                                     'vv_minus_vh': (0.0, 15.0)}
-
-
 def test_false_colour_hand_computed():
   # VV -12.5 of -25..0 -> 0.5; VH -25 of -30..-5 -> 0.2; VV-VH 12 of 0..15 -> 0.8.
   rgb = render.sar_false_colour(_image(-12.5, -25.0, 12.0))

@@ -29,6 +29,8 @@ from mae_jax import predict
 from mae_jax import preprocess
 from mae_jax import scene_windows
 
+pytestmark = pytest.mark.integration
+
 TASKS = ('vcf', 'worldcover')
 # Not a multiple of the 32 px window; with the default 4 px overlap (stride 28) the window
 # origins are 0, 28, 56, 69 down and 0, 28, 56, 78 across, so window (1, 1) at (28, 28) has

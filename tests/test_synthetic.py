@@ -82,7 +82,8 @@ def test_shapes_dtypes_and_coordinates(small_tiles):
 def test_backscatter_matches_real_sentinel1_ranges(tiles_96):
   image = np.stack([t.image for t in tiles_96])
   vv, vh, ratio = image[..., VV], image[..., VH], image[..., RATIO]
-  # DATA.md: mostly -25..+2 dB VV and -37..-9 dB VH (1st..99th percentile), VV-VH median +5..+7.
+  # Real Sentinel-1: mostly -25..+2 dB VV and -37..-9 dB VH (1st..99th percentile), VV-VH median
+  # +5..+7.
   assert -25 < np.nanmedian(vv) < 2
   assert -37 < np.nanmedian(vh) < -9
   assert 4.0 < np.nanmedian(ratio) < 8.0

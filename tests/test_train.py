@@ -10,6 +10,8 @@ import pytest
 from mae_jax import train
 from tiny_config import losses, run
 
+pytestmark = pytest.mark.integration
+
 
 def test_loss_on_meshes_equals_single_device(tiny_config, tmp_path):
   single = losses(run(tiny_config, tmp_path / 'one', **{'mesh.num_devices': 1}) and tmp_path / 'one')

@@ -194,8 +194,8 @@ def assign_splits(tile_ids: Sequence[str], lon: Sequence[float], lat: Sequence[f
 def any_channel_valid_fraction(image: np.ndarray) -> float:
   """Share of pixels with at least one finite channel, for (H, W, C) tiles.
 
-  Not "every channel": a season without any acquisition is no-data for the whole tile
-  (``DATA.md``), and such tiles are kept with that season as NaN rather than dropped.
+  Not "every channel": a season without any acquisition is no-data for the whole tile (real
+  archives have such gaps), and such tiles are kept with that season as NaN rather than dropped.
   """
   return float(np.isfinite(image).any(axis=-1).mean())
 

@@ -4,7 +4,7 @@ Every head takes the encoder output of :meth:`MaskedAutoencoder.encode` without 
 (B, 1 + L, D) after the final LayerNorm, cls token first, then the L = g * g patch tokens in
 row-major order. Two protocols (``HEAD_KINDS``) for two tasks (``TASKS``):
 
-* ``finetune``: the poster authors' heads (``seed/authors_setup.md``, "Downstream"):
+* ``finetune``: the poster authors' heads (their released PyTorch code):
   :class:`VcfHead` ("1D conv then 3 FC") for MODIS VCF percent tree cover and
   :class:`SetrPupHead` (SETR-PUP, Zheng et al. 2021) for ESA WorldCover.
 * ``linear_probe``: MAE's linear-probe protocol (He et al., ``main_linprobe.py``):
@@ -164,7 +164,7 @@ class SetrPupHead(nn.Module):
 
   Output: (B, image_size, image_size, num_classes) float32 logits, no activation.
 
-  Differences from the poster authors' variant (``seed/authors_setup.md``): they use three
+  Differences from the poster authors' variant (their released code): they use three
   upsampling stages (28 -> 224), a 3x3 classifier conv followed by BatchNorm + ReLU on the logits,
   then a bilinear resize to 448. Here the classifier is SETR-PUP's 1x1 conv giving raw logits, as
   softmax cross-entropy expects (a ReLU would pin every logit at >= 0), and the default reaches
