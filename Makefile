@@ -44,7 +44,7 @@ demo: $(VENV)/.installed $(DEMO_DATA)/dataset_info.json
 
 # The label-efficiency study on the embedded dataset (pretrain, then 64 fine-tuning runs).
 study-quick: $(VENV)/.installed $(DEMO_DATA)/dataset_info.json
-	$(PY) -m mae_jax.study --config configs/study.py:quick --workdir workdirs/study_quick \
+	$(PY) -m mae_jax.trainers.study --config configs/study.py:quick --workdir workdirs/study_quick \
 	    --config.data_dir=$(DEMO_DATA)
 
 test: $(VENV)/.installed

@@ -78,7 +78,7 @@ USAGE
       python -m MODULE ARGS          (MODULE: --module, default mae_jax.main)
   for example  -- --config configs/pretrain.py:poster --workdir gs://bucket/run1
   The task (pretraining, fine-tuning, evaluation) comes from the config file; the study is
-  --module mae_jax.study. Options take their value as `--opt VALUE` or `--opt=VALUE`.
+  --module mae_jax.trainers.study. Options take their value as `--opt VALUE` or `--opt=VALUE`.
 
 GLOBAL OPTIONS (anywhere before `--`)
   --dry-run    Print every command instead of running it, shell-quoted so that it can be
@@ -246,7 +246,7 @@ EXAMPLES
 
   # SLURM: 2 nodes x 8 GPUs, 24 hours, the label-efficiency study:
   ./launch.sh slurm --nodes 2 --gpus-per-node 8 --partition gpu --time 24:00:00 \
-      --module mae_jax.study -- --config configs/study.py:full --workdir /shared/mae/study
+      --module mae_jax.trainers.study -- --config configs/study.py:full --workdir /shared/mae/study
 
   # Two processes x 4 CPU devices on this machine, logs in workdirs/local2/logs:
   ./launch.sh local 2 --log-dir workdirs/local2/logs -- --config configs/pretrain.py:tiny \

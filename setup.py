@@ -2,6 +2,7 @@
 
 import pathlib
 
+from setuptools import find_packages
 from setuptools import setup
 
 ROOT = pathlib.Path(__file__).parent
@@ -16,7 +17,7 @@ setup(
     name='mae_jax',
     version='0.1.0',
     description='Masked autoencoders (ViT-MAE) for Sentinel-1 SAR in JAX/Flax, pod-scale.',
-    packages=['mae_jax', 'mae_jax.models', 'data_pipeline', 'configs'],
+    packages=find_packages(include=['mae_jax*', 'data_pipeline*', 'configs*']),
     python_requires='>=3.10',
     install_requires=requirements('requirements.txt'),
     extras_require={'parity': requirements('requirements-parity.txt')},

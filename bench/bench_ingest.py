@@ -5,7 +5,7 @@ r"""Ingestion throughput: real-format inputs -> pre-sharded TFDS tiles, in tiles
 Writes, in a temporary folder, one area of ``rows x cols`` 448 px tiles at 10 m as
   * per-acquisition GeoTIFFs (float32 dB, VV and VH, ``dates_per_season`` dates per season), and
   * an Earth Engine style export of 8-band seasonal composites (GZIP float features + mixer),
-plus WorldCover and VCF rasters over the area, and times ``data_pipeline.build.build`` for the
+plus WorldCover and VCF rasters over the area, and times ``data_pipeline.ingest.build.build`` for the
 geotiff source (1 and 2 worker processes) and for the earth_engine source. The time includes
 planning (opening every file, counting export records), compositing, labels, quantisation,
 serialisation and the metadata: everything from input files to a readable dataset.
@@ -30,7 +30,7 @@ import rasterio.warp
 
 import configs.data.earth_engine as ee_config
 import configs.data.geotiff as geotiff_config
-from data_pipeline import build
+from data_pipeline.ingest import build
 from data_pipeline import input as data_input
 from data_pipeline import schema
 from tests import ingest_fixtures as fx

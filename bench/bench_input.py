@@ -5,7 +5,7 @@ r"""Training read path throughput: TFRecord shards -> host batches, against read
   python bench/bench_input.py --readers local --no_cold
   python bench/bench_input.py --readers local --no_cold --verify_checksums
 
-Times ``data_pipeline.input.HostDataset.batches`` (the call ``mae_jax.train`` makes: shuffled
+Times ``data_pipeline.input.HostDataset.batches`` (the call ``mae_jax.trainers.pretrain`` makes: shuffled
 float16 ``image`` batches) over the ``train`` split, per reader, and compares it with simply
 reading the same shard files (``readinto`` a reused 8 MiB buffer, from 1 thread and
 from one thread per core; the faster is the baseline, so the ratio is the strictest one):

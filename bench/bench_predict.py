@@ -33,8 +33,8 @@ import rasterio.windows
 from rasterio.transform import from_origin
 
 from data_pipeline import schema
-from mae_jax import inference
-from mae_jax import predict
+from mae_jax.tools import inference
+from mae_jax.tools import predict
 
 # Plausible per-channel statistics (dB) for the random model's normalisation: VV-VH, VV, VH.
 BENCH_MEAN = (6.0,) * 4 + (-11.0,) * 4 + (-17.0,) * 4

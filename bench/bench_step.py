@@ -54,7 +54,7 @@ from mae_jax import faults
 from mae_jax import flops as flops_lib
 from mae_jax import memory
 from mae_jax import optim
-from mae_jax import pretrain_step
+from mae_jax.trainers import pretrain_step
 from mae_jax import sharding
 from mae_jax import state as state_lib
 from mae_jax.models import mae

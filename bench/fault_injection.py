@@ -205,12 +205,12 @@ def main() -> int:
     failures.append('the uninterrupted run failed:\n' + run.tail())
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from mae_jax import train  # pylint: disable=g-import-not-at-top
+  from mae_jax.trainers import pretrain  # pylint: disable=g-import-not-at-top
   from tiny_config import make_tiny_config  # pylint: disable=g-import-not-at-top
   config = make_tiny_config(data_dir)
   config.total_steps = args.total_steps
-  a, _ = train.restore_state(config, straight)
-  b, _ = train.restore_state(config, workdir)
+  a, _ = pretrain.restore_state(config, straight)
+  b, _ = pretrain.restore_state(config, workdir)
   leaves_a = jax.tree.leaves(jax.device_get(a['params']))
   leaves_b = jax.tree.leaves(jax.device_get(b['params']))
   identical = all(np.array_equal(x, y) for x, y in zip(leaves_a, leaves_b))

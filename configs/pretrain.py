@@ -59,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.stop_at_step = 0
   c.batch_size = 4096  # Global, over all processes.
   # Start from MAE weights published in PyTorch (mae_jax.pretrained): an official MAE .pth, a
-  # transformers ViT-MAE folder or .safetensors file, or a `python -m mae_jax.export` folder.
+  # transformers ViT-MAE folder or .safetensors file, or a `python -m mae_jax.tools.export` folder.
   # Read only when the workdir has no checkpoint yet; '' = random initialisation.
   c.init_from = ''
   # How a 3-channel (RGB) patch embedding becomes config.model.num_channels: 'mean' or

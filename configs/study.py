@@ -1,7 +1,7 @@
 r"""The label-efficiency study: the poster's grid of fine-tuning runs, pretrained vs scratch.
 
-  python -m mae_jax.study --config configs/study.py:quick --workdir workdirs/study_quick
-  python -m mae_jax.study --config configs/study.py:full --workdir gs://BUCKET/study \
+  python -m mae_jax.trainers.study --config configs/study.py:quick --workdir workdirs/study_quick
+  python -m mae_jax.trainers.study --config configs/study.py:full --workdir gs://BUCKET/study \
       --config.data_dir=gs://BUCKET/s1_tiles --config.pretrain_checkpoint=gs://BUCKET/mae_b
 
 Grid: tasks (VCF regression, WorldCover segmentation) x label fractions (0.1, 1, 10, 100 %) x

@@ -14,7 +14,7 @@ number of hosts (any divisor of S) continues the same data order; and each part'
 function of the step alone, so resuming at step ``s`` needs nothing but ``s``.
 
 ``layout()`` describes the order; checkpoints store it and a resume with another layout is an
-error (``mae_jax.train``), since the data order would silently change.
+error (``mae_jax.trainers.pretrain``), since the data order would silently change.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The SAR false colour is the usual composite: R = VV, G = VH, B = VV-VH of one season. Each
 channel is stretched over a *fixed* dB range (:data:`DISPLAY_RANGES_DB`) rather than per-image
 percentiles, so the same colour means the same backscatter in every tile and at every training
-step. Used by dataset inspection (``data_pipeline.inspect``) and by training plots
+step. Used by dataset inspection (``data_pipeline.ingest.inspect``) and by training plots
 (``mae_jax.plots``).
 """
 

@@ -1,4 +1,4 @@
-"""What every command-line program of mae_jax does first (mae_jax.main, mae_jax.study)."""
+"""What every command-line program of mae_jax does first (mae_jax.main, mae_jax.trainers.study)."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ minutes). Hence:
 
 * errors every host can see (config, dataset metadata) are raised by every host alike;
 * errors only one host can see at start-up go through :func:`agree`, so all hosts raise;
-* errors during training travel in the batch (``mae_jax.train``), so all hosts stop at the same
+* errors during training travel in the batch (``mae_jax.trainers.pretrain``), so all hosts stop at the same
   step;
 * anything else: :func:`exit_on_error` prints the traceback and leaves at once with
   ``os._exit(1)``, skipping the shutdown barrier. The other processes learn of it from the
@@ -103,7 +103,7 @@ def initialize() -> bool:
     missing = sorted(set(explicit) - set(given))
     raise ValueError(f'a coordinator address is set but not {", ".join(missing)}: pass '
                      '--num_processes and --process_id (or JAX_NUM_PROCESSES, JAX_PROCESS_ID)')
-  # Stopping on SIGTERM is agreed through the training step (mae_jax.train); JAX's preemption
+  # Stopping on SIGTERM is agreed through the training step (mae_jax.trainers.pretrain); JAX's preemption
   # service would install its own SIGTERM handler, so it is off.
   jax.config.update('jax_enable_preemption_service', False)
   jax.distributed.initialize(heartbeat_timeout_seconds=_HEARTBEAT.value, **given)

@@ -36,13 +36,13 @@ def run(config, workdir) -> None:
   if task != 'evaluate' and not workdir:
     raise app.UsageError('--workdir is required (evaluation alone defaults to the checkpoint\'s)')
   if task == 'pretrain':
-    from mae_jax import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(config, workdir)
+    from mae_jax.trainers import pretrain  # pylint: disable=g-import-not-at-top
+    pretrain.train_and_evaluate(config, workdir)
   elif task == 'finetune':
-    from mae_jax import finetune  # pylint: disable=g-import-not-at-top
+    from mae_jax.trainers import finetune  # pylint: disable=g-import-not-at-top
     finetune.finetune(config, workdir)
   elif task == 'evaluate':
-    from mae_jax import evaluate  # pylint: disable=g-import-not-at-top
+    from mae_jax.trainers import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.evaluate_checkpoint(config, workdir)
   else:
     raise app.UsageError(f'unknown config.task {task!r}')

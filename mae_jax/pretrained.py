@@ -5,7 +5,7 @@ r"""Starting from MAE weights published in PyTorch: ``--config.init_from=PATH``.
     only) or ``mae_visualize_vit_base.pth`` (encoder and decoder); read with ``torch.load``;
   * a transformers ``ViTMAEForPreTraining`` or ``ViTMAEModel`` folder (``config.json`` plus
     ``model.safetensors`` or ``pytorch_model.bin``), e.g. ``facebook/vit-mae-base`` downloaded,
-    or what ``python -m mae_jax.export`` writes;
+    or what ``python -m mae_jax.tools.export`` writes;
   * a single ``.safetensors`` file in transformers' names.
 
 The encoder (width, depth, MLP width, patch size; heads where the source says) must equal

@@ -32,8 +32,8 @@ def tiny_config(tiny_dataset):
 def pretrained(tiny_dataset, tmp_path_factory):
   """(workdir, config) of a 3-step pretraining of :func:`make_tiny_config` on the session
   dataset; tests only read it (fine-tuning, embeddings)."""
-  from mae_jax import train  # pylint: disable=g-import-not-at-top
+  from mae_jax.trainers import pretrain  # pylint: disable=g-import-not-at-top
   config = make_tiny_config(tiny_dataset)
   workdir = str(tmp_path_factory.mktemp('pretrain'))
-  train.train_and_evaluate(config, workdir)
+  pretrain.train_and_evaluate(config, workdir)
   return workdir, config

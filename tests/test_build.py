@@ -1,4 +1,4 @@
-"""data_pipeline.build on a small chip set in the poster authors' layout."""
+"""data_pipeline.ingest.build on a small chip set in the poster authors' layout."""
 
 import os
 import subprocess
@@ -11,10 +11,10 @@ from rasterio.transform import from_bounds
 import tensorflow_datasets as tfds
 
 import configs.data.m3leo as m3leo_config
-from data_pipeline import build
-from data_pipeline import m3leo
+from data_pipeline.ingest import build
+from data_pipeline.ingest import m3leo
 from data_pipeline import schema
-from data_pipeline.sources import m3leo as m3leo_source
+from data_pipeline.ingest.sources import m3leo as m3leo_source
 from tests.test_m3leo import CHIPS, SIZE, _build_area
 
 
@@ -78,7 +78,7 @@ def test_command_line(tmp_path):
   aoi, _ = _build_area(tmp_path)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   result = subprocess.run(
-      [sys.executable, '-m', 'data_pipeline.build', '--config', 'configs/data/m3leo.py',
+      [sys.executable, '-m', 'data_pipeline.ingest.build', '--config', 'configs/data/m3leo.py',
        '--output', str(tmp_path / 'ds'), f'--config.areas[0].dir={aoi}',
        f'--config.tile_size={SIZE}', '--config.num_shards=1'],
       cwd=root, capture_output=True, text=True, timeout=300)

@@ -1,4 +1,4 @@
-"""Tests for data_pipeline.composite: real Sentinel-1 samples plus hand-computed composites."""
+"""Tests for data_pipeline.ingest.composite: real Sentinel-1 samples plus hand-computed composites."""
 
 import datetime
 import glob
@@ -10,8 +10,8 @@ import pytest
 import rasterio
 from affine import Affine
 
-from data_pipeline import composite
-from data_pipeline import m3leo
+from data_pipeline.ingest import composite
+from data_pipeline.ingest import m3leo
 from data_pipeline import schema
 
 BEN = '/work/shared/samples/bigearthnet_s1_tiny'

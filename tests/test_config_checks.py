@@ -3,7 +3,7 @@
 import pytest
 
 from mae_jax import sharding
-from mae_jax import train
+from mae_jax.trainers import pretrain
 from mae_jax import validate
 
 
@@ -11,40 +11,40 @@ def test_patch_size_that_does_not_divide_the_image(tiny_config, tmp_path):
   tiny_config.model.patch_size = 12
   with pytest.raises(validate.ConfigError,
                      match=r'config\.model\.patch_size=12 does not divide config\.model\.image_size=32'):
-    train.train_and_evaluate(tiny_config, str(tmp_path))
+    pretrain.train_and_evaluate(tiny_config, str(tmp_path))
 
 
 @pytest.mark.parametrize('ratio', [0.0, 1.0, 1.5, -0.1])
 def test_mask_ratio_outside_the_open_interval(tiny_config, tmp_path, ratio):
   tiny_config.model.mask_ratio = ratio
   with pytest.raises(validate.ConfigError, match=r'config\.model\.mask_ratio=.* must lie in \(0, 1\)'):
-    train.train_and_evaluate(tiny_config, str(tmp_path))
+    pretrain.train_and_evaluate(tiny_config, str(tmp_path))
 
 
 def test_batch_not_divisible_by_data_parallel_size(tiny_config, tmp_path):
   tiny_config.batch_size = 12  # 8 devices on the data axis.
   with pytest.raises(validate.ConfigError,
                      match=r'config\.batch_size=12 .* not divisible by the data-parallel size 8'):
-    train.train_and_evaluate(tiny_config, str(tmp_path))
+    pretrain.train_and_evaluate(tiny_config, str(tmp_path))
 
 
 def test_channel_count_that_differs_from_the_data(tiny_config, tmp_path):
   tiny_config.model.num_channels = 3
   with pytest.raises(validate.ConfigError,
                      match=r'config\.model\.num_channels=3 but the dataset at .* has 12 channels'):
-    train.train_and_evaluate(tiny_config, str(tmp_path))
+    pretrain.train_and_evaluate(tiny_config, str(tmp_path))
 
 
 def test_tile_size_that_differs_from_the_data(tiny_config, tmp_path):
   tiny_config.model.image_size = 64
   with pytest.raises(validate.ConfigError, match=r'config\.model\.image_size=64 but the dataset'):
-    train.train_and_evaluate(tiny_config, str(tmp_path))
+    pretrain.train_and_evaluate(tiny_config, str(tmp_path))
 
 
 def test_heads_that_do_not_divide_the_width(tiny_config, tmp_path):
   tiny_config.model.encoder.heads = 3
   with pytest.raises(validate.ConfigError, match=r'config\.model\.encoder\.width=32 is not divisible by config\.model\.encoder\.heads=3'):
-    train.train_and_evaluate(tiny_config, str(tmp_path))
+    pretrain.train_and_evaluate(tiny_config, str(tmp_path))
 
 
 def test_an_attention_implementation_that_cannot_run_here(tiny_config, tmp_path):
@@ -52,17 +52,17 @@ def test_an_attention_implementation_that_cannot_run_here(tiny_config, tmp_path)
   with pytest.raises(validate.ConfigError,
                      match=r"config\.model\.attention_implementation='cudnn' cannot run here: it "
                      r"needs an NVIDIA GPU .* use 'auto' .*encoder: head dim 16"):
-    train.train_and_evaluate(tiny_config, str(tmp_path))
+    pretrain.train_and_evaluate(tiny_config, str(tmp_path))
   assert not (tmp_path / 'checkpoints').exists()
   tiny_config.model.attention_implementation = 'flash'
   with pytest.raises(validate.ConfigError, match=r'attention_implementation must be one of'):
-    train.train_and_evaluate(tiny_config, str(tmp_path))
+    pretrain.train_and_evaluate(tiny_config, str(tmp_path))
 
 
 def test_missing_dataset_names_the_path(tiny_config, tmp_path):
   tiny_config.dataset.data_dir = str(tmp_path / 'absent')
   with pytest.raises(FileNotFoundError, match='absent'):
-    train.train_and_evaluate(tiny_config, str(tmp_path / 'wd'))
+    pretrain.train_and_evaluate(tiny_config, str(tmp_path / 'wd'))
 
 
 @pytest.mark.parametrize('sizes, message', [

@@ -167,7 +167,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 
 
 def test_inspect_reports_counts_ranges_and_renders_tiles(tiny_dataset, tmp_path):
-  from data_pipeline import inspect  # pylint: disable=g-import-not-at-top
+  from data_pipeline.ingest import inspect  # pylint: disable=g-import-not-at-top
   text = inspect.inspect(tiny_dataset, sample=16, num_tiles=2, output=str(tmp_path))
   builder = tfds.builder_from_directory(tiny_dataset)
   regions = collections.Counter(

@@ -1,4 +1,4 @@
-"""Tests for data_pipeline.ee_export: Earth Engine TFRecord patch exports read back and placed.
+"""Tests for data_pipeline.ingest.ee_export: Earth Engine TFRecord patch exports read back and placed.
 
 Every test writes its own small export the way Earth Engine lays one out: one
 tf.train.Example per patch with one float feature per band (row-major H * W values), shards
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_pipeline import ee_export
+from data_pipeline.ingest import ee_export
 
 # Patches 4 wide and 3 high, so a swapped width / height shows; 10 m north-up UTM pixels.
 WIDTH, HEIGHT = 4, 3

@@ -1,4 +1,4 @@
-"""mae_jax.embed: embeddings vs a direct encoder pass, tile metadata, files, no-data, errors."""
+"""mae_jax.tools.embed: embeddings vs a direct encoder pass, tile metadata, files, no-data, errors."""
 
 import json
 import os
@@ -13,8 +13,8 @@ import pytest
 from data_pipeline import input as data_input
 from data_pipeline import schema
 from mae_jax import checkpoint as ckpt_lib
-from mae_jax import embed
-from mae_jax import train
+from mae_jax.tools import embed
+from mae_jax.trainers import pretrain
 from mae_jax.models import mae
 
 pytestmark = pytest.mark.integration
@@ -28,7 +28,7 @@ TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 @pytest.fixture(scope='module')
 def saved(pretrained):
   """(full float32 params, checkpoint metadata) of the pretraining run, read back directly."""
-  state, metadata = train.restore_state(pretrained[1], pretrained[0])
+  state, metadata = pretrain.restore_state(pretrained[1], pretrained[0])
   return jax.device_get(state['params']), metadata
 
 
@@ -114,7 +114,7 @@ def test_cli_parquet_and_npz_hold_the_same_values_and_metadata(pretrained, tmp_p
   workdir, config = pretrained
   data_dir = config.dataset.data_dir
   parquet = str(tmp_path / 'emb.parquet')
-  command = [sys.executable, '-m', 'mae_jax.embed', f'--checkpoint={workdir}',
+  command = [sys.executable, '-m', 'mae_jax.tools.embed', f'--checkpoint={workdir}',
              f'--data_dir={data_dir}', '--split=test', '--pool=mean', f'--output={parquet}',
              '--batch_size=8', '--noprogress']
   done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -147,7 +147,7 @@ def test_cli_parquet_and_npz_hold_the_same_values_and_metadata(pretrained, tmp_p
       np.testing.assert_array_equal(from_parquet[name], from_npz[name])
     np.testing.assert_array_equal(from_npz[name], result.columns[name])
   assert npz_meta == result.metadata  # Round trip.
-  assert parquet_meta['command'] == ' '.join(['python', '-m', 'mae_jax.embed', *command[3:]])
+  assert parquet_meta['command'] == ' '.join(['python', '-m', 'mae_jax.tools.embed', *command[3:]])
   assert {k: v for k, v in parquet_meta.items() if k != 'command'} == \
       {k: v for k, v in npz_meta.items() if k != 'command'}
   assert pq.read_metadata(parquet).metadata[b'width'] == b'32'  # Plain key-value metadata.
@@ -209,7 +209,7 @@ def test_no_data_patches_are_left_out_and_empty_tiles_are_nan(pretrained, saved,
 
 
 def write_finetune_checkpoint(saved, workdir, **contract_changes):
-  """A fine-tuning checkpoint in the layout mae_jax.finetune saves: the last params and a 'best'
+  """A fine-tuning checkpoint in the layout mae_jax.trainers.finetune saves: the last params and a 'best'
   copy (the pretrained encoder scaled by 1.1), each with a head, and its metadata; returns the
   best encoder params."""
   params, pre_meta = saved

@@ -18,7 +18,7 @@ import damage
 from mae_jax import checkpoint as ckpt_lib
 from mae_jax import faults
 from mae_jax import sharding
-from mae_jax import train
+from mae_jax.trainers import pretrain
 from tiny_config import run
 from mae_jax import validate
 
@@ -70,8 +70,8 @@ def test_sigterm_saves_at_the_next_step_then_resume_is_exact(tiny_dataset, tiny_
   config = run(tiny_config, workdir, **overrides)
   assert f'Resumed from {workdir}/checkpoints/{step}.' in capsys.readouterr().out
   run(tiny_config, tmp_path / 'straight', **overrides)
-  straight, _ = train.restore_state(config, str(tmp_path / 'straight'))
-  after, _ = train.restore_state(config, str(workdir))
+  straight, _ = pretrain.restore_state(config, str(tmp_path / 'straight'))
+  after, _ = pretrain.restore_state(config, str(workdir))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight['params']),
                jax.device_get(after['params']))
 
@@ -89,7 +89,7 @@ def test_non_finite_loss_stops_without_saving_a_bad_checkpoint(tiny_config, tmp_
   assert f'the latest checkpoint (step {max(steps)}) is the last good state' in str(e.value)
   config = tiny_config.copy_and_resolve_references()
   config.total_steps = 50
-  state, _ = train.restore_state(config, str(workdir))
+  state, _ = pretrain.restore_state(config, str(workdir))
   assert int(state['step']) == max(steps)
   for leaf in jax.tree.leaves(jax.device_get(state)):
     assert np.isfinite(leaf).all()
@@ -113,7 +113,7 @@ def test_a_bad_record_stops_training_and_the_latest_checkpoint_stays_good(tiny_d
     assert f'the latest checkpoint (step {max(steps)}) is the last good state' in message
     config = tiny_config.copy_and_resolve_references()
     config.dataset.data_dir = data_dir
-    state, _ = train.restore_state(config, str(workdir))
+    state, _ = pretrain.restore_state(config, str(workdir))
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.device_get(state)))
   # With skipping allowed, the run finishes and counts the record, once per epoch.
   run(tiny_config, tmp_path / 'skipping', total_steps=16,

@@ -13,11 +13,11 @@ import pytest
 from configs import downstream as downstream_configs
 from data_pipeline import schema
 from mae_jax import checkpoint as ckpt_lib
-from mae_jax import evaluate
-from mae_jax import finetune
+from mae_jax.trainers import evaluate
+from mae_jax.trainers import finetune
 from mae_jax import optim
 from mae_jax import sharding
-from mae_jax import train
+from mae_jax.trainers import pretrain
 from mae_jax.models import downstream
 from mae_jax.models import mae
 
@@ -67,7 +67,7 @@ def initial_state(config):
 def test_restores_exactly_the_pretrained_encoder_and_a_fresh_head(pretrained, mesh):
   config = finetune_config(pretrained, 'worldcover', mesh=mesh)
   state, shardings = initial_state(config)
-  saved, _ = train.restore_state(pretrained[1], pretrained[0])
+  saved, _ = pretrain.restore_state(pretrained[1], pretrained[0])
   saved_encoder, _ = downstream.split_params(jax.device_get(saved['params']))
   encoder, head = downstream.split_params(jax.device_get(state['params']))
   assert set(encoder) == set(saved_encoder) == {'patch_embed', 'cls_token', 'encoder',
@@ -140,7 +140,7 @@ def test_frozen_encoder_does_not_move_and_head_does(pretrained, tmp_path):
   config.total_steps = 2
   finetune.finetune(config, str(tmp_path))
   directory, step = ckpt_lib.locate(str(tmp_path))
-  state, _ = train.restore_state(pretrained[1], pretrained[0])
+  state, _ = pretrain.restore_state(pretrained[1], pretrained[0])
   target = {'params': jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                    downstream.split_params(state['params'])[0])}
   restored = ckpt_lib.restore_subtree(directory, step, target)['params']
@@ -238,8 +238,8 @@ def test_encoder_param_names_cover_the_mae_encoder():
 
 def test_study_grid_selects_lr_on_validation_and_resumes(pretrained, tmp_path):
   from configs import study as study_configs  # pylint: disable=g-import-not-at-top
-  from mae_jax import study  # pylint: disable=g-import-not-at-top
-  from mae_jax import study_report  # pylint: disable=g-import-not-at-top
+  from mae_jax.trainers import study  # pylint: disable=g-import-not-at-top
+  from mae_jax.trainers import study_report  # pylint: disable=g-import-not-at-top
   config = study_configs.get_config('quick')
   config.data_dir = pretrained[1].dataset.data_dir
   config.pretrain_checkpoint = pretrained[0]

@@ -12,9 +12,9 @@ from rasterio.transform import from_bounds
 import tensorflow_datasets as tfds
 
 import configs.data.m3leo as m3leo_config
-from data_pipeline import build
-from data_pipeline import labels
-from data_pipeline import m3leo
+from data_pipeline.ingest import build
+from data_pipeline.ingest import labels
+from data_pipeline.ingest import m3leo
 from tests import ingest_fixtures as fx
 from tests.test_ingest_geotiff import config_for
 from tests.test_ingest_geotiff import write_acquisitions

@@ -1,4 +1,4 @@
-"""data_pipeline.build with source 'earth_engine', checked against the GeoTIFF path.
+"""data_pipeline.ingest.build with source 'earth_engine', checked against the GeoTIFF path.
 
 One set of seasonal composites is written twice, as a GeoTIFF and as an Earth Engine style
 export (float features per band, mixer, GZIP and not, two shards); both builds must give the
@@ -11,8 +11,8 @@ import rasterio.warp
 
 import configs.data.earth_engine as ee_config
 import configs.data.geotiff as geotiff_config
-from data_pipeline import build
-from data_pipeline import ee_export
+from data_pipeline.ingest import build
+from data_pipeline.ingest import ee_export
 from data_pipeline import schema
 from tests import ingest_fixtures as fx
 from tests.test_ee_export import write_export

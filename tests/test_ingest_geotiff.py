@@ -1,4 +1,4 @@
-"""data_pipeline.build with source 'geotiff': per-acquisition GeoTIFFs -> composited tiles.
+"""data_pipeline.ingest.build with source 'geotiff': per-acquisition GeoTIFFs -> composited tiles.
 
 Truth is computed here with numpy from the arrays the test wrote: the tile grid lies on the
 scenes' own 10 m lattice, so tile pixels are scene pixels and the seasonal medians can be taken
@@ -15,9 +15,9 @@ import rasterio.warp
 import tensorflow_datasets as tfds
 
 import configs.data.geotiff as geotiff_config
-from data_pipeline import build
+from data_pipeline.ingest import build
 from data_pipeline import schema
-from data_pipeline import splits
+from data_pipeline.ingest import splits
 from tests import ingest_fixtures as fx
 
 TILE = 32

@@ -19,7 +19,7 @@ import rasterio
 import rasterio.warp
 
 import configs.data.geotiff as geotiff_config
-from data_pipeline import build
+from data_pipeline.ingest import build
 from data_pipeline import schema
 from tests import ingest_fixtures as fx
 

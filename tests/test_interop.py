@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-from mae_jax import export  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mae_jax.tools import export  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mae_jax import pretrained
 from mae_jax.models import hf_convert
 from mae_jax.models import vit
@@ -230,7 +230,7 @@ def test_pretraining_starts_from_the_imported_mae_and_trains(imagenet_start, rgb
 
 def _export_cli(*args):
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
-  result = subprocess.run([sys.executable, '-m', 'mae_jax.export', *args], cwd=REPO, env=env,
+  result = subprocess.run([sys.executable, '-m', 'mae_jax.tools.export', *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
   return result
 

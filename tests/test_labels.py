@@ -1,4 +1,4 @@
-"""Tests for data_pipeline.labels: VCF tile means (hand-computed) and WorldCover on a real tile."""
+"""Tests for data_pipeline.ingest.labels: VCF tile means (hand-computed) and WorldCover on a real tile."""
 
 import math
 import os
@@ -10,7 +10,7 @@ import rasterio.warp
 import rasterio.windows
 from affine import Affine
 
-from data_pipeline import labels
+from data_pipeline.ingest import labels
 from data_pipeline import schema
 
 WORLDCOVER = ('/work/shared/samples/esa_worldcover/'

@@ -430,12 +430,12 @@ def test_tpu_run(fakes, workdir_args):
 
 def test_tpu_run_module_log_and_project(fakes):
   ok(fakes.launch('tpu', 'run', '--name', 'n', '--zone', 'z', '--project', 'p', '--module',
-                  'mae_jax.study', '--log', 'study.log', '--', '--config',
+                  'mae_jax.trainers.study', '--log', 'study.log', '--', '--config',
                   'configs/study.py:full', '--workdir', 'gs://b/study'))
   (call,) = fakes.calls()
   assert call[:-2] == ssh_prefix('all') and call[-1] == '--project=p'
   command = remote_command(call)
-  assert 'python3 -m mae_jax.study --config configs/study.py:full --workdir gs://b/study' in command
+  assert 'python3 -m mae_jax.trainers.study --config configs/study.py:full --workdir gs://b/study' in command
   assert '> study.log 2>&1' in command
 
 
@@ -590,7 +590,7 @@ def run_batch_script(fakes, script, extra_env=None):
 
 def test_slurm_script_runs_srun_and_returns_its_status(fakes, tmp_path):
   ok(fakes.launch('slurm', '--nodes', '1', '--gpus-per-node', 'h100:2', '--module',
-                  'mae_jax.study', '--', *PY_ARGS))
+                  'mae_jax.trainers.study', '--', *PY_ARGS))
   script = Path(fakes.calls()[0][1])
   assert '#SBATCH --gpus-per-node=h100:2' in script.read_text()
   assert '#SBATCH --ntasks-per-node=2' in script.read_text()
@@ -599,7 +599,7 @@ def test_slurm_script_runs_srun_and_returns_its_status(fakes, tmp_path):
   process = run_batch_script(fakes, script)
   process.communicate(timeout=TIMEOUT)
   assert process.returncode == 0
-  assert fakes.calls() == [['srun', '--kill-on-bad-exit=1', 'python', '-m', 'mae_jax.study',
+  assert fakes.calls() == [['srun', '--kill-on-bad-exit=1', 'python', '-m', 'mae_jax.trainers.study',
                             *PY_ARGS]]
   process = run_batch_script(fakes, script, {'FAKE_SRUN_EXIT': '3'})
   process.communicate(timeout=TIMEOUT)

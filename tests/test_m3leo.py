@@ -1,4 +1,4 @@
-"""Tests for data_pipeline.m3leo: the authors' chip layout, s1grd decoding, splits and errors."""
+"""Tests for data_pipeline.ingest.m3leo: the authors' chip layout, s1grd decoding, splits and errors."""
 
 import json
 import os
@@ -8,8 +8,8 @@ import pytest
 import rasterio
 from rasterio.transform import from_bounds
 
-from data_pipeline import labels
-from data_pipeline import m3leo
+from data_pipeline.ingest import labels
+from data_pipeline.ingest import m3leo
 from data_pipeline import schema
 
 SIZE = 64

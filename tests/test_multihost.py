@@ -17,7 +17,7 @@ import pytest
 
 import damage
 from mae_jax import checkpoint as ckpt_lib
-from mae_jax import train
+from mae_jax.trainers import pretrain
 from tiny_config import losses, run
 
 pytestmark = pytest.mark.multiprocess
@@ -75,7 +75,7 @@ def test_two_processes_equal_one_stop_together_and_restore_in_one(tiny_dataset, 
   one_losses = losses(tmp_path / 'one_process')
   for done in range(1, step + 1):
     np.testing.assert_allclose(two_losses[done], one_losses[done], rtol=1e-6, err_msg=f'step {done}')
-  saved, metadata = train.restore_state(reference, str(workdir))
+  saved, metadata = pretrain.restore_state(reference, str(workdir))
   assert int(saved['step']) == step and metadata['data_layout']['data_shards'] == 8
 
   config = run(tiny_config, workdir, total_steps=2000, stop_at_step=step + 4)
@@ -85,8 +85,8 @@ def test_two_processes_equal_one_stop_together_and_restore_in_one(tiny_dataset, 
                                err_msg=f'step {done}')
   # Not bitwise: 2 processes sum gradients in another order than 1, and Adam turns last-bit
   # differences of near-zero gradients into differences of order lr x 1e-2.
-  resumed, _ = train.restore_state(config, str(workdir))
-  straight, _ = train.restore_state(reference, str(tmp_path / 'one_process'))
+  resumed, _ = pretrain.restore_state(config, str(workdir))
+  straight, _ = pretrain.restore_state(reference, str(tmp_path / 'one_process'))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                jax.device_get(resumed['params']), jax.device_get(straight['params']))
 

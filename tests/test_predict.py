@@ -1,4 +1,4 @@
-"""Whole-scene prediction (mae_jax.predict): maps, blending, no-data, inputs, errors, memory.
+"""Whole-scene prediction (mae_jax.tools.predict): maps, blending, no-data, inputs, errors, memory.
 
 Two tiny models (32 px windows) are fine-tuned from scratch for a couple of steps, once per
 module, one per task. The truths are computed here independently of the prediction code: the
@@ -24,10 +24,10 @@ from rasterio.transform import from_origin
 from configs import downstream as downstream_configs
 from data_pipeline import schema
 from mae_jax import checkpoint as ckpt_lib
-from mae_jax import inference
-from mae_jax import predict
+from mae_jax.tools import inference
+from mae_jax.tools import predict
 from mae_jax import preprocess
-from mae_jax import scene_windows
+from mae_jax.tools import scene_windows
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +67,7 @@ def finetune_config(data_dir, task):
 @pytest.fixture(scope='module')
 def finetuned(tmp_path_factory, tiny_dataset):
   """{task: fine-tuning workdir}: 2 steps from scratch on the session dataset."""
-  from mae_jax import finetune  # pylint: disable=g-import-not-at-top
+  from mae_jax.trainers import finetune  # pylint: disable=g-import-not-at-top
   workdirs = {}
   for task in TASKS:
     workdirs[task] = str(tmp_path_factory.mktemp(f'finetune_{task}'))
@@ -364,11 +364,11 @@ def write_int8_parts(folder, size):
 
 
 def run_cli(args):
-  """Runs ``python -m mae_jax.predict ARGS`` in a fresh process; (its peak RSS in KB, output)."""
+  """Runs ``python -m mae_jax.tools.predict ARGS`` in a fresh process; (its peak RSS in KB, output)."""
   log = os.path.join(os.path.dirname(args[args.index('--output') + 1]), 'log.txt')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   with open(log, 'w') as f:
-    process = subprocess.Popen([sys.executable, '-m', 'mae_jax.predict', *args], cwd=root,
+    process = subprocess.Popen([sys.executable, '-m', 'mae_jax.tools.predict', *args], cwd=root,
                                stdout=f, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(process.pid, 0)  # This child's own peak, not the running max.
   with open(log) as f:

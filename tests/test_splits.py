@@ -1,4 +1,4 @@
-"""Tests for data_pipeline.splits: the authors' geographic banding split, their CSVs and maps."""
+"""Tests for data_pipeline.ingest.splits: the authors' geographic banding split, their CSVs and maps."""
 
 import math
 import os
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import schema
-from data_pipeline import splits
+from data_pipeline.ingest import splits
 
 # Five chips of one area. lon spans 10..14 (range 4), lat 40..42 (range 2), so the normalised
 # centres are: A (0, 0), B (1, 1), C (0.25, 0.75), D (0.75, 0.25), E (0.5, 0.1).

@@ -1,4 +1,4 @@
-"""Tests for mae_jax.study_report: CSV, summary, label savings, Markdown table and plot."""
+"""Tests for mae_jax.trainers.study_report: CSV, summary, label savings, Markdown table and plot."""
 
 import math
 import os
@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from mae_jax import study_report
+from mae_jax.trainers import study_report
 
 FRACTIONS = study_report.FRACTIONS  # 0.001 .. 1
 

@@ -1,4 +1,4 @@
-"""Tests for data_pipeline.tiling on real Sentinel-1 GeoTIFFs: grids, tiles and reads onto tiles.
+"""Tests for data_pipeline.ingest.tiling on real Sentinel-1 GeoTIFFs: grids, tiles and reads onto tiles.
 
 Real samples (``/work/shared/samples``): three vertically adjacent BigEarthNet-S1 VV patches
 (120 x 120 px, 10 m, EPSG:32633, no nodata) and a GAMMA/pyroSAR 20 m VV scene (EPSG:32631,
@@ -17,9 +17,9 @@ import rasterio
 import rasterio.warp
 from affine import Affine
 
-from data_pipeline import labels
+from data_pipeline.ingest import labels
 from data_pipeline import schema
-from data_pipeline import tiling
+from data_pipeline.ingest import tiling
 
 BEN = '/work/shared/samples/bigearthnet_s1_tiny'
 BEN_SCENE = 'S1A_IW_GRDH_1SDV_20170613T165043_33UUP_61_'

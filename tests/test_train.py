@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from mae_jax import train
+from mae_jax.trainers import pretrain
 from tiny_config import losses, run
 
 pytestmark = pytest.mark.integration
@@ -29,8 +29,8 @@ def test_resume_equals_uninterrupted_run(tiny_config, tmp_path):
   run(tiny_config, tmp_path / 'resumed', total_steps=6, stop_at_step=3)
   assert sorted(os.listdir(tmp_path / 'resumed' / 'checkpoints')) == ['3']
   run(tiny_config, tmp_path / 'resumed', total_steps=6)
-  straight, _ = train.restore_state(config, str(tmp_path / 'straight'))
-  resumed, _ = train.restore_state(config, str(tmp_path / 'resumed'))
+  straight, _ = pretrain.restore_state(config, str(tmp_path / 'straight'))
+  resumed, _ = pretrain.restore_state(config, str(tmp_path / 'resumed'))
   assert int(resumed['step']) == 6
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight['params']),
                jax.device_get(resumed['params']))
@@ -40,10 +40,10 @@ def test_resume_equals_uninterrupted_run(tiny_config, tmp_path):
 
 def test_checkpoint_restores_on_another_mesh(tiny_config, tmp_path):
   config = run(tiny_config, tmp_path / 'wd', **{'mesh.data': 4, 'mesh.fsdp': 2})
-  saved, _ = train.restore_state(config, str(tmp_path / 'wd'))
+  saved, _ = pretrain.restore_state(config, str(tmp_path / 'wd'))
   other = config.copy_and_resolve_references()
   other.mesh.update(dict(data=2, fsdp=2, tensor=2))
-  restored, metadata = train.restore_state(other, str(tmp_path / 'wd'))
+  restored, metadata = pretrain.restore_state(other, str(tmp_path / 'wd'))
   kernel = restored['params']['encoder']['block_0']['mlp']['fc1']['kernel']
   assert kernel.sharding.spec == jax.sharding.PartitionSpec('fsdp', 'tensor')
   assert kernel.sharding.mesh.shape['tensor'] == 2
@@ -61,7 +61,7 @@ def test_workdir_has_logs_plots_and_contract(tiny_config, tmp_path):
   assert any(name.startswith('events.out.tfevents') for name in events)
   saved = json.loads((workdir / 'config.json').read_text())
   assert saved['total_steps'] == 3
-  _, metadata = train.restore_state(tiny_config, str(workdir))
+  _, metadata = pretrain.restore_state(tiny_config, str(workdir))
   contract = metadata['input_contract']
   assert contract['units'] == 'dB' and contract['storage_dtype'] == 'float16'
   assert len(contract['mean']) == len(contract['std']) == 12
@@ -78,7 +78,8 @@ def test_checkpoint_of_another_model_is_refused(tiny_config, tmp_path):
 def test_gradient_accumulation_equals_the_full_batch(tiny_config):
   import functools
   import flax.linen as nn
-  from mae_jax import optim, pretrain_step, sharding, state as state_lib
+  from mae_jax import optim, sharding, state as state_lib
+  from mae_jax.trainers import pretrain_step
   from mae_jax.models import mae as mae_lib
   config = tiny_config
   model = mae_lib.model_from_config(config.model)
@@ -105,5 +106,5 @@ def test_gradient_accumulation_equals_the_full_batch(tiny_config):
 
 def test_restoring_from_a_missing_workdir_is_a_clear_error(tiny_config, tmp_path):
   with pytest.raises(FileNotFoundError, match='no checkpoints folder in .*nowhere'):
-    train.restore_state(tiny_config, str(tmp_path / 'nowhere'))
+    pretrain.restore_state(tiny_config, str(tmp_path / 'nowhere'))
   assert not (tmp_path / 'nowhere').exists()

@@ -31,7 +31,7 @@ def get_config(data_dir):
 def run(config, workdir, **overrides):
   """Pretrains ``config`` with dotted overrides (``'checkpoint.every_steps': 1``) in ``workdir``;
   returns the config used."""
-  from mae_jax import train  # pylint: disable=g-import-not-at-top
+  from mae_jax.trainers import pretrain  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   for key, value in overrides.items():
     target = config
@@ -39,7 +39,7 @@ def run(config, workdir, **overrides):
     for name in parents:
       target = target[name]
     target[leaf] = value
-  train.train_and_evaluate(config, str(workdir))
+  pretrain.train_and_evaluate(config, str(workdir))
   return config
 
 

@@ -1,1 +1,1 @@
-"""Dataset-building configs for data_pipeline.build."""
+"""Dataset-building configs for data_pipeline.ingest.build."""

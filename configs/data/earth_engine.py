@@ -1,6 +1,6 @@
 r"""Dataset from Earth Engine TFRecord patch exports of Sentinel-1 seasonal composites.
 
-  python -m data_pipeline.build --config configs/data/earth_engine.py --output /data/s1_ee \
+  python -m data_pipeline.ingest.build --config configs/data/earth_engine.py --output /data/s1_ee \
       --config.areas[0].prefix=/data/exports/europe/s1 \
       --config.worldcover='/data/worldcover/*_Map.tif' [--config.workers=8]
 

@@ -1,6 +1,6 @@
 r"""Dataset from Sentinel-1 GeoTIFFs: per-acquisition VV / VH files, or ready seasonal composites.
 
-  python -m data_pipeline.build --config configs/data/geotiff.py --output /data/s1_europe \
+  python -m data_pipeline.ingest.build --config configs/data/geotiff.py --output /data/s1_europe \
       --config.areas[0].scenes='/data/s1/europe/**/*.tif' --config.year=2020 \
       --config.worldcover='/data/worldcover/*_Map.tif' --config.vcf='/data/mod44b/*.tif' \
       [--config.workers=8 --config.num_shards=256]
@@ -30,7 +30,7 @@ def area(scenes: str = '', region: str = 'europe', name: str = '') -> ml_collect
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.source = 'geotiff'
-  c.kind = 'acquisitions'  # or 'composites' (see data_pipeline/sources/geotiff.py).
+  c.kind = 'acquisitions'  # or 'composites' (see data_pipeline/ingest/sources/geotiff.py).
   c.areas = [area()]
   c.year = 2020  # Composite year: winter is 1 December of the year before to February.
   c.composite_method = 'median_db'  # As the authors; or 'mean_db', 'mean_linear'.

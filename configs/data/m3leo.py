@@ -1,6 +1,6 @@
 r"""Dataset from the poster authors' released chips (M3LEO / geetiles layout).
 
-  python -m data_pipeline.build --config configs/data/m3leo.py --output /data/s1_m3leo \
+  python -m data_pipeline.ingest.build --config configs/data/m3leo.py --output /data/s1_m3leo \
       --config.areas[0].dir=/data/m3leo/europe [--config.workers=8 --config.num_shards=256]
 
 Each area folder holds the chip GeoJSON, the split CSV and ``s1grd-2020/``,

@@ -48,7 +48,7 @@ from mae_jax import memory
 from mae_jax import optim
 from mae_jax import plots
 from mae_jax import preprocess
-from mae_jax import pretrain_step
+from mae_jax.trainers import pretrain_step
 from mae_jax import pretrained
 from mae_jax import sharding
 from mae_jax import state as state_lib

@@ -255,7 +255,7 @@ def evaluate_checkpoint(eval_config, workdir: str | None = None) -> dict[str, An
   the mesh, the splits, the batch size and optionally another dataset folder.
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from mae_jax import inference  # pylint: disable=g-import-not-at-top
+  from mae_jax.tools import inference  # pylint: disable=g-import-not-at-top
   from mae_jax import sharding  # pylint: disable=g-import-not-at-top
 
   if not eval_config.checkpoint:

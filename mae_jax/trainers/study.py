@@ -1,13 +1,13 @@
 r"""Runs the label-efficiency study (configs/study.py) and writes its table and plots.
 
-  python -m mae_jax.study --config configs/study.py:quick --workdir workdirs/study_quick
-  python -m mae_jax.study --quick --workdir workdirs/study_quick   # the same
+  python -m mae_jax.trainers.study --config configs/study.py:quick --workdir workdirs/study_quick
+  python -m mae_jax.trainers.study --quick --workdir workdirs/study_quick   # the same
 
 Steps: (1) pretrain on the pretraining regions unless ``pretrain_checkpoint`` is given;
 (2) for each task, label fraction and init (pretrained / scratch), sweep ``lr_sweep`` on the
 first seed and select the rate with the lowest validation loss; (3) run the remaining seeds at
 the selected rate; (4) collect each run's test metrics per region into ``results.csv``, write
-``results.md`` and ``study.png`` (:mod:`mae_jax.study_report`). Runs are plain fine-tuning
+``results.md`` and ``study.png`` (:mod:`mae_jax.trainers.study_report`). Runs are plain fine-tuning
 workdirs under ``<workdir>/runs/<task>/<init>/frac<fraction>/lr<lr>/seed<seed>``; a finished run
 (``final_metrics.json`` present) is read, not rerun, so the study resumes where it stopped.
 """
@@ -46,7 +46,7 @@ def pretrain_if_needed(study, workdir: str) -> str:
   if study.pretrain_checkpoint:
     return study.pretrain_checkpoint
   from configs import pretrain as pretrain_configs  # pylint: disable=g-import-not-at-top
-  from mae_jax import train  # pylint: disable=g-import-not-at-top
+  from mae_jax.trainers import pretrain  # pylint: disable=g-import-not-at-top
   config = pretrain_configs.get_config(study.pretrain_preset)
   config.dataset.data_dir = study.data_dir
   config.dataset.regions = tuple(study.pretrain_regions)
@@ -55,7 +55,7 @@ def pretrain_if_needed(study, workdir: str) -> str:
   path = os.path.join(workdir, 'pretrain')
   print(f'== Pretraining {study.pretrain_preset} for {config.total_steps} steps on '
         f'{", ".join(study.pretrain_regions)} -> {path}', flush=True)
-  if train.train_and_evaluate(config, path).get('stopped_by'):
+  if pretrain.train_and_evaluate(config, path).get('stopped_by'):
     stop_study()
   return path
 
@@ -83,7 +83,7 @@ def finetune_config(study, task: str, init: str, fraction: float, lr: float, see
 
 def run_once(study, workdir, task, init, fraction, lr, seed, checkpoint) -> dict[str, Any]:
   """One fine-tuning run (or its saved result)."""
-  from mae_jax import finetune  # pylint: disable=g-import-not-at-top
+  from mae_jax.trainers import finetune  # pylint: disable=g-import-not-at-top
   path = run_dir(workdir, task, init, fraction, lr, seed)
   done = os.path.join(path, 'final_metrics.json')
   if not os.path.exists(done):
@@ -101,7 +101,7 @@ def run_once(study, workdir, task, init, fraction, lr, seed, checkpoint) -> dict
 def rows_of(study, result: dict[str, Any], task, init, fraction, lr, seed) -> list[dict]:
   """One results.csv row per test region: the headline metric plus the others."""
   from data_pipeline import schema  # pylint: disable=g-import-not-at-top
-  from mae_jax import study_report  # pylint: disable=g-import-not-at-top
+  from mae_jax.trainers import study_report  # pylint: disable=g-import-not-at-top
   test = result['splits'][study.get('test_split', 'test')]
   validation = result['splits'][study.get('validation_split', 'validation')]
   rows = []
@@ -123,7 +123,7 @@ def rows_of(study, result: dict[str, Any], task, init, fraction, lr, seed) -> li
 
 
 def run_study(study, workdir: str) -> dict[str, str]:
-  from mae_jax import study_report  # pylint: disable=g-import-not-at-top
+  from mae_jax.trainers import study_report  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'study_config.json'), 'w') as f:
     f.write(study.to_json_best_effort(indent=2))

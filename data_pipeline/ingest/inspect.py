@@ -1,6 +1,6 @@
 r"""Looks inside a mae_jax dataset: counts, value ranges, label histograms and a few rendered tiles.
 
-  python -m data_pipeline.inspect DIR [--sample 256] [--num_tiles 4] [--output DIR/inspect]
+  python -m data_pipeline.ingest.inspect DIR [--sample 256] [--num_tiles 4] [--output DIR/inspect]
 
 Prints examples per split and region (a full pass over the records, images skipped undecoded),
 per-channel dB percentiles and no-data fractions and the WorldCover class histogram over the
@@ -115,7 +115,7 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # TFDS logs every dataset it opens at INFO.
   if len(argv) != 2:
-    raise app.UsageError('usage: python -m data_pipeline.inspect DIR [--flags]')
+    raise app.UsageError('usage: python -m data_pipeline.ingest.inspect DIR [--flags]')
   data_dir = argv[1]
   values = flags.FLAGS
   print(inspect(data_dir, values.sample, values.num_tiles,

@@ -1,8 +1,8 @@
 r"""Builds a pre-sharded TFDS dataset of 12-channel tiles from real Sentinel-1 data.
 
-  python -m data_pipeline.build --config configs/data/<source>.py --output DIR [--config.x=y]
+  python -m data_pipeline.ingest.build --config configs/data/<source>.py --output DIR [--config.x=y]
 
-``config.source`` picks the input (``data_pipeline/sources/``):
+``config.source`` picks the input (``data_pipeline/ingest/sources/``):
 
 * ``m3leo`` (``configs/data/m3leo.py``): the poster authors' released chips;
 * ``geotiff`` (``configs/data/geotiff.py``): GeoTIFFs per acquisition, or ready composites;
@@ -29,7 +29,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from data_pipeline import schema
-from data_pipeline import splits
+from data_pipeline.ingest import splits
 from data_pipeline import writer
 
 SOURCES = ('m3leo', 'geotiff', 'earth_engine')
@@ -37,10 +37,10 @@ SPLIT_MAP = 'split_map.png'
 
 
 def plan(config):
-  """The source's :class:`data_pipeline.sources.common.Plan` for ``config``."""
+  """The source's :class:`data_pipeline.ingest.sources.common.Plan` for ``config``."""
   if config.source not in SOURCES:
     raise ValueError(f'config.source {config.source!r} is not one of {SOURCES}')
-  module = importlib.import_module(f'data_pipeline.sources.{config.source}')
+  module = importlib.import_module(f'data_pipeline.ingest.sources.{config.source}')
   return module.plan(config)
 
 

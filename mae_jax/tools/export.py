@@ -1,6 +1,6 @@
 r"""Export of a mae_jax checkpoint to transformers' ViT-MAE layout (safetensors + config.json).
 
-  python -m mae_jax.export --checkpoint WORKDIR --output DIR [--part mae|encoder]
+  python -m mae_jax.tools.export --checkpoint WORKDIR --output DIR [--part mae|encoder]
 
 ``--part mae`` (pretraining checkpoints) writes the whole MAE for
 ``transformers.ViTMAEForPreTraining.from_pretrained(DIR)``; ``--part encoder`` (pretraining or

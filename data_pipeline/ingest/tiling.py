@@ -40,7 +40,7 @@ from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 
-from data_pipeline import labels
+from data_pipeline.ingest import labels
 from data_pipeline import schema
 
 DEFAULT_PIXEL_SIZE = 10.0

@@ -51,9 +51,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import rasterio.transform
 
-from data_pipeline import labels
+from data_pipeline.ingest import labels
 from data_pipeline import schema
-from data_pipeline import splits
+from data_pipeline.ingest import splits
 
 # --- Layout ----------------------------------------------------------------------------------
 

@@ -34,14 +34,14 @@ from data_pipeline import input as data_input
 from data_pipeline import schema
 from data_pipeline import subsets
 from mae_jax import checkpoint as ckpt_lib
-from mae_jax import evaluate
+from mae_jax.trainers import evaluate
 from mae_jax import faults
 from mae_jax import optim
 from mae_jax import preprocess
 from mae_jax import pretrained
 from mae_jax import sharding
 from mae_jax import state as state_lib
-from mae_jax import train as pretrain_lib
+from mae_jax.trainers import pretrain as pretrain_lib
 from mae_jax import validate
 from mae_jax import writers
 from mae_jax.models import downstream

@@ -1,7 +1,7 @@
 """Source ``earth_engine``: Earth Engine TFRecord patch exports of seasonal composites.
 
 Config: ``configs/data/earth_engine.py``. Per area, the prefix of one export (``<prefix>-NNNNN
-.tfrecord[.gz]`` plus ``<prefix>-mixer.json``, see ``data_pipeline.ee_export``) whose patches are
+.tfrecord[.gz]`` plus ``<prefix>-mixer.json``, see ``data_pipeline.ingest.ee_export``) whose patches are
 tiles: ``patchDimensions`` must be the tile size (after cutting the ``kernelSize`` margin). The
 export's bands are mapped to VV and VH per season by ``config.bands``; VV-VH is recomputed as
 VV_dB - VH_dB, as in every source. Labels come from WorldCover / VCF GeoTIFFs read onto each
@@ -22,11 +22,11 @@ import math
 import numpy as np
 import rasterio.crs
 
-from data_pipeline import composite
-from data_pipeline import ee_export
+from data_pipeline.ingest import composite
+from data_pipeline.ingest import ee_export
 from data_pipeline import schema
-from data_pipeline import tiling
-from data_pipeline.sources import common
+from data_pipeline.ingest import tiling
+from data_pipeline.ingest.sources import common
 
 # Project band -> export feature name, VV then VH, winter..fall: the order read_shard returns.
 BAND_KEYS = tuple(f'{p}_{s}' for p in ('vv', 'vh') for s in schema.SEASONS)

@@ -1,10 +1,10 @@
 r"""Whole-scene prediction: a fine-tuned model applied in overlapping windows, written as a COG.
 
-  python -m mae_jax.predict --checkpoint PATH --input scene.tif [more.tif ...] --output map.tif \
+  python -m mae_jax.tools.predict --checkpoint PATH --input scene.tif [more.tif ...] --output map.tif \
       [--overlap PX] [--batch_size N] [--nouse_best] [--units auto|dB|linear] [--noprogress]
 
 ``PATH`` is a fine-tuning or linear-probing workdir (its latest step) or one ``checkpoints/<step>``
-folder; the model, head, task and input contract come from its metadata (``mae_jax.inference``).
+folder; the model, head, task and input contract come from its metadata (``mae_jax.tools.inference``).
 
 Inputs: one or more GeoTIFFs on one pixel grid (same CRS, transform and size) whose bands,
 concatenated in the order given, are the model's 12 channels in ``schema.BAND_NAMES`` order:
@@ -18,7 +18,7 @@ dataset tiles were (``InputContract.clip_range``, float16), so a window seen her
 same pixels seen as a dataset tile.
 
 Windows of the model's tile size, each overlapping its neighbours by ``overlap`` px (default
-size / 8), cover the scene (``mae_jax.scene_windows``: grid, tapered blending); windows without
+size / 8), cover the scene (``mae_jax.tools.scene_windows``: grid, tapered blending); windows without
 any valid pixel are not computed. Batches of windows run jitted and sharded over every device. Outputs, on the input's
 grid:
   * VCF: float32 percent tree cover, each pixel the taper-weighted mean of the per-window
@@ -64,9 +64,9 @@ import rasterio.errors
 import rasterio.shutil
 import rasterio.windows
 
-from data_pipeline import composite
+from data_pipeline.ingest import composite
 from data_pipeline import schema
-from mae_jax import scene_windows
+from mae_jax.tools import scene_windows
 
 # GDAL's block cache (decoded input blocks, output blocks waiting to be written) is set from the
 # inputs' block layout, never from the scene's size (read_cache_bytes), within these bounds, in
@@ -166,7 +166,7 @@ def _read_masked(dataset, indexes: Sequence[int], nodata: Sequence[float | None]
                  backscatter: Sequence[bool], units: str, **read_kwargs) -> np.ndarray:
   """Bands ``indexes`` as float32 dB (bands, rows, cols), no-data NaN.
 
-  No-data as the GeoTIFF ingestion (``data_pipeline.sources.geotiff``, default settings) has
+  No-data as the GeoTIFF ingestion (``data_pipeline.ingest.sources.geotiff``, default settings) has
   it, so that a window equals a dataset tile made from the same file: the file's mask and
   nodata value, NaN and infinities, and in VV and VH bands exact 0 (Earth Engine's fill) and
   values below the noise floor (``composite.DEFAULT_NOISE_FLOOR_DB``, after conversion to dB).
@@ -697,7 +697,7 @@ def run(checkpoint: str, inputs: Sequence[str], output: str, *, overlap: int | N
         progress: bool = True, mesh_config: Any = None) -> dict[str, Any]:
   """The command: checks the output folder and the inputs first (cheap), then loads the
   checkpoint (``inference.load_downstream``) and predicts."""
-  from mae_jax import inference  # pylint: disable=g-import-not-at-top
+  from mae_jax.tools import inference  # pylint: disable=g-import-not-at-top
   check_output(output)
   with _gdal_env(OPEN_GDAL_CACHE):
     scene = open_scene(inputs, schema.BAND_NAMES, units)
@@ -750,7 +750,7 @@ def main(argv):
     run(f.checkpoint, inputs, f.output, overlap=f.overlap, batch_size=f.batch_size,
         use_best=f.use_best, units=f.units, progress=f.progress)
   except (ValueError, OSError) as e:  # Bad inputs, paths or checkpoints: the message says it.
-    print(f'mae_jax.predict: error: {e}', file=sys.stderr, flush=True)
+    print(f'mae_jax.tools.predict: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
 
 

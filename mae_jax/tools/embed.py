@@ -1,6 +1,6 @@
 r"""One embedding per tile from a pretrained or fine-tuned MAE encoder, written to Parquet or npz.
 
-  python -m mae_jax.embed --checkpoint PATH --data_dir DIR [--split test] \
+  python -m mae_jax.tools.embed --checkpoint PATH --data_dir DIR [--split test] \
       [--regions europe,conus] [--pool cls|mean] --output emb.parquet|emb.npz \
       [--batch_size 64] [--use_best=true] [--noprogress]
 
@@ -215,7 +215,7 @@ def embed_split(checkpoint: str, data_dir: str, split: str = 'test', *,
     FileNotFoundError: No checkpoint or no dataset at the given path.
   """
   if jax.process_count() > 1:
-    raise ValueError(f'mae_jax.embed runs in a single process, not {jax.process_count()}: run '
+    raise ValueError(f'mae_jax.tools.embed runs in a single process, not {jax.process_count()}: run '
                      'it on one host (it uses all of that host\'s devices)')
   if pool not in POOLS:
     raise ValueError(f'pool must be one of {POOLS}, got {pool!r}')
@@ -447,13 +447,13 @@ def main(argv):
   from mae_jax import cli  # pylint: disable=g-import-not-at-top
   cli.start_process(argv)
   f = flags.FLAGS
-  command = shlex.join(['python', '-m', 'mae_jax.embed', *sys.argv[1:]])
+  command = shlex.join(['python', '-m', 'mae_jax.tools.embed', *sys.argv[1:]])
   try:
     result = embed_to_file(f.output, f.checkpoint, f.data_dir, f.split, regions=f.regions,
                            pool=f.pool, batch_size=f.batch_size, use_best=f.use_best,
                            progress=f.progress, command=command)
   except (ValueError, FileNotFoundError) as e:
-    print(f'mae_jax.embed: error: {e}', file=sys.stderr, flush=True)
+    print(f'mae_jax.tools.embed: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
   tiles = result.metadata['num_tiles']
   rate = tiles / result.seconds if result.seconds > 0 else float('inf')

@@ -37,10 +37,10 @@ import rasterio.errors
 import rasterio.windows
 from affine import Affine
 
-from data_pipeline import labels
+from data_pipeline.ingest import labels
 from data_pipeline import schema
 # Reused, not redefined: one definition of "constant channel" for every ingestion path.
-from data_pipeline.m3leo import constant_channels  # pylint: disable=unused-import
+from data_pipeline.ingest.m3leo import constant_channels  # pylint: disable=unused-import
 
 POLARISATIONS = ('VV', 'VH')
 UNITS = ('dB', 'linear', 'auto')

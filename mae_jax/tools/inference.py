@@ -1,7 +1,7 @@
 """Loads a fine-tuned (or linear-probed) downstream model from its checkpoint, ready to predict.
 
-One loader for every consumer of a trained head: offline evaluation (``mae_jax.evaluate``) and
-whole-scene prediction (``mae_jax.predict``). The model, head, task and input contract come from
+One loader for every consumer of a trained head: offline evaluation (``mae_jax.trainers.evaluate``) and
+whole-scene prediction (``mae_jax.tools.predict``). The model, head, task and input contract come from
 the checkpoint's own metadata, so nothing about the run has to be repeated; the weights are
 restored straight onto this machine's mesh (any device count; the saving run's mesh does not
 matter), params and BatchNorm statistics only, never the optimiser state.

@@ -14,11 +14,11 @@ import os
 
 import numpy as np
 
-from data_pipeline import labels
-from data_pipeline import m3leo
+from data_pipeline.ingest import labels
+from data_pipeline.ingest import m3leo
 from data_pipeline import schema
 from data_pipeline import writer
-from data_pipeline.sources import common
+from data_pipeline.ingest.sources import common
 
 COMPOSITE = ('Earth Engine COPERNICUS/S1_GRD seasonal medians of dB (2020), stored by the '
              'authors as uint8 = 255 (dB + 30) / 30; decoded to dB here')

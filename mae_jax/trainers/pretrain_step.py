@@ -1,6 +1,6 @@
 """The pretraining step: a pure function of (state, global batch), jitted by its callers.
 
-Kept apart from the trainer (``mae_jax.train``) so benchmarks and accelerator images import the
+Kept apart from the trainer (``mae_jax.trainers.pretrain``) so benchmarks and accelerator images import the
 step without the trainer's writers, checkpoints and TensorFlow-backed readers.
 """
 

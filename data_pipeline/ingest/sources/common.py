@@ -20,10 +20,10 @@ import rasterio.crs
 import rasterio.errors
 import rasterio.warp
 
-from data_pipeline import labels
+from data_pipeline.ingest import labels
 from data_pipeline import schema
-from data_pipeline import splits
-from data_pipeline import tiling
+from data_pipeline.ingest import splits
+from data_pipeline.ingest import tiling
 from data_pipeline import writer
 
 
@@ -222,7 +222,7 @@ def tile_example(tile: tiling.TileSpec, image: np.ndarray, worldcover: np.ndarra
 
 def screen_tile(image: np.ndarray, min_valid_fraction: float) -> writer.Skip | None:
   """A Skip for a tile that must not be written (empty, too little data, constant), else None."""
-  from data_pipeline import m3leo  # pylint: disable=g-import-not-at-top
+  from data_pipeline.ingest import m3leo  # pylint: disable=g-import-not-at-top
   fraction = any_channel_valid_fraction(image)
   if fraction == 0.0:
     return writer.Skip(tiling.DROP_EMPTY)

@@ -5,6 +5,6 @@
   composited here.
 * ``earth_engine``: Earth Engine TFRecord patch exports with their mixer files.
 
-Every source module has ``plan(config) -> common.Plan``; ``data_pipeline.build`` runs the plan
+Every source module has ``plan(config) -> common.Plan``; ``data_pipeline.ingest.build`` runs the plan
 through ``data_pipeline.writer``.
 """

@@ -35,11 +35,11 @@ from typing import Sequence
 import numpy as np
 from rasterio.enums import Resampling
 
-from data_pipeline import composite
-from data_pipeline import labels
+from data_pipeline.ingest import composite
+from data_pipeline.ingest import labels
 from data_pipeline import schema
-from data_pipeline import tiling
-from data_pipeline.sources import common
+from data_pipeline.ingest import tiling
+from data_pipeline.ingest.sources import common
 
 KINDS = ('acquisitions', 'composites')
 # Longest side of the decimated read that decides units and emptiness at planning time.
