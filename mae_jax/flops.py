@@ -47,6 +47,17 @@ def mae_train_flops(model: Any) -> float:
   return 3.0 * mae_forward_flops(model)
 
 
+def encoder_train_flops(model: Any, frozen: bool = False) -> float:
+  """FLOPs per example of a fine-tuning step's encoder, every patch visible; heads left out.
+
+  A frozen encoder (linear probing) runs forward only; a trained one forward + backward.
+  """
+  patches = model.num_patches
+  forward = 2 * patches * model.patch_dim * model.width
+  forward += transformer_flops(patches + 1, model.width, model.depth, model.mlp_dim)
+  return float(forward * (1.0 if frozen else 3.0))
+
+
 @functools.lru_cache(maxsize=None)
 def measured_matmul_peak(size: int = 2048, repeats: int = 5, dtype: str = 'float32') -> float:
   """Best ``size``-cubed matmul FLOP/s on the default device, on random data.

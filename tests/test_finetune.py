@@ -163,6 +163,20 @@ def test_frozen_encoder_does_not_move_and_head_does(pretrained, tmp_path):
   assert metadata['task'] == 'finetune' and metadata['head_kind'] == 'linear_probe'
 
 
+def test_fine_tuning_logs_throughput_and_validation_only_where_measured(pretrained, tmp_path):
+  config = finetune_config(pretrained)
+  config.eval_every_steps = 3  # Validation at steps 3 and 4 (the last); logs at 1, 2 and 4.
+  finetune.finetune(config, str(tmp_path))
+  with open(tmp_path / 'metrics.jsonl') as f:
+    records = [json.loads(line) for line in f]
+  validated = [r['step'] for r in records if 'val_loss' in r]
+  assert validated == [3, 4]  # Never repeated at later log steps.
+  logged = [r for r in records if 'loss' in r]
+  assert [r['step'] for r in logged] == [1, 2, 4]
+  for r in logged[1:]:  # The first log starts the throughput clock.
+    assert r['img_per_s'] > 0 and r['eta_min'] >= 0 and 0 < r['mfu'] < 10
+
+
 def test_drop_path_is_identity_when_deterministic_and_random_in_training(pretrained):
   config = finetune_config(pretrained)
   config.model.drop_path_rate = 0.5

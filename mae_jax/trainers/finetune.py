@@ -10,7 +10,9 @@ the optimiser start fresh. Without it the same architecture trains from scratch.
 State: ``{'step', 'params', 'batch_stats', 'opt_state', 'best': {'params', 'batch_stats',
 'loss', 'step'}}``, created sharded; the best copy travels in every checkpoint, so a resumed run
 selects exactly as an uninterrupted one. Randomness (head init, drop path, label subset, data
-order) derives from ``config.seed`` and the step.
+order) derives from ``config.seed`` and the step. The step loop (prefetch, checks, logs with
+img/s and the encoder's MFU, saves, stops) is the trainers' shared ``loop.run_steps``; the
+validation loss is logged at the steps it is measured.
 """
 
 from __future__ import annotations
@@ -27,29 +29,27 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from etils import epath
 
-from data_pipeline import device_batches
 from data_pipeline import input as data_input
 from data_pipeline import schema
 from data_pipeline import subsets
 from mae_jax import checkpoint as ckpt_lib
-from mae_jax.trainers import evaluate
 from mae_jax import faults
+from mae_jax import flops as flops_lib
 from mae_jax import optim
 from mae_jax import preprocess
 from mae_jax import pretrained
 from mae_jax import sharding
 from mae_jax import state as state_lib
-from mae_jax.trainers import pretrain as pretrain_lib
 from mae_jax import validate
-from mae_jax import writers
 from mae_jax.models import downstream
+from mae_jax.trainers import evaluate
+from mae_jax.trainers import loop
+from mae_jax.trainers import pretrain as pretrain_lib
 
 # Fields of config.model that decide the encoder's param shapes (the decoder is not restored).
 ENCODER_ARCHITECTURE_FIELDS = ('image_size', 'patch_size', 'num_channels', 'encoder',
                                'pos_embedding', 'scan_layers')
-report = pretrain_lib.report
 # Optimisers and jitted functions by what they close over: later runs in one process (the
 # label-efficiency study runs dozens differing only in data, seed and init values) reuse them and
 # their compiled executables. Few entries: executables hold device memory.
@@ -192,7 +192,7 @@ def check_pretrained(metadata: dict[str, Any], where: str, config, contract) -> 
                f'in {where} was pretrained on: ' + '; '.join(contract_diffs))
     if not config.allow_contract_mismatch:
       raise ValueError(message + ' (set --config.allow_contract_mismatch=True to go on anyway)')
-    report('WARNING: ' + message)
+    loop.report('WARNING: ' + message)
 
 
 def restore_encoder(config, model_abstract, model_shardings, contract):
@@ -231,16 +231,16 @@ def setup_state(config, model, tx, mesh, rules, checkpointer, contract):
                                                           state_sharding['params'], contract)
       contract = schema.InputContract.from_dict(init_metadata['input_contract'])
       params = {**state['params'], **encoder}
-      report(f'Restored the encoder from {init_from}; head and optimiser are new.')
+      loop.report(f'Restored the encoder from {init_from}; head and optimiser are new.')
     elif config.get('init_from'):
       imported = pretrained.import_weights(config.init_from, model, config.init_from_channels,
                                            part='encoder')
       params = pretrained.place(state['params'], imported, state_sharding['params'])
       init_from = config.init_from
-      report(f'Imported the encoder from {init_from}'
+      loop.report(f'Imported the encoder from {init_from}'
              + ''.join(f'; {note}' for note in imported.notes) + '; head and optimiser are new.')
     else:
-      report('Training from scratch (no init_checkpoint).')
+      loop.report('Training from scratch (no init_checkpoint).')
     if params is not None:
       # The best copy needs buffers of its own: the train step donates the state.
       best_params = jax.tree.map(jnp.copy, params)
@@ -256,7 +256,7 @@ def setup_state(config, model, tx, mesh, rules, checkpointer, contract):
                                                                       state_sharding))
     contract = schema.InputContract.from_dict(saved['input_contract'])
     init_from = saved.get('init_checkpoint')
-    report(f'Resumed from {checkpointer.directory}/{latest}.')
+    loop.report(f'Resumed from {checkpointer.directory}/{latest}.')
   return state, state_sharding, contract, init_from
 
 
@@ -297,7 +297,7 @@ def eval_every(config, num_examples: int) -> int:
 
 def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) one fine-tuning run; returns its final metrics."""
-  workdir = pretrain_lib.resolve_workdir(workdir)
+  workdir = loop.resolve_workdir(workdir)
   task = config.task_name
   if task not in ('vcf', 'worldcover'):
     raise validate.ConfigError(f"config.task_name={task!r} must be 'vcf' or 'worldcover'")
@@ -323,11 +323,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   local_batch = config.batch_size // jax.process_count()
   eval_batch = config.eval_batch_size or config.batch_size
 
-  workdir_path = epath.Path(workdir)
-  workdir_path.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    (workdir_path / 'config.json').write_text(config.to_json_best_effort(indent=2))
-  writer = writers.create_writer(workdir)
+  workdir_path, writer = loop.prepare_workdir(workdir, config)
 
   # --- Model, optimiser, state --------------------------------------------------------------
   train_model = downstream.model_from_config(config, train=True)
@@ -384,7 +380,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       return float(totals['loss_sum'][-1] / max(totals['loss_count'][-1], 1.0))
 
     interval = eval_every(config, len(records))
-    report(f'{task} {config.head.kind}: {len(records)} training tiles '
+    loop.report(f'{task} {config.head.kind}: {len(records)} training tiles '
            f'(label fraction {config.label_fraction}), steps {start_step} -> {total_steps}, '
            f'validation every {interval} steps; mesh {dict(mesh.shape)}.')
     # stop_at_step ends this process early (with a checkpoint); the schedule still follows
@@ -394,44 +390,32 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                  num_steps=max(stop_step - start_step, 0),
                                  shuffle_buffer=config.dataset.shuffle_buffer, features=features)
     feed = faults.Feed(batches, lambda: no_data_batch(task, local_batch, train_data), stop_signal)
-    last: dict[str, Any] = {}
-    stop_requested = False
-    checks = faults.StepChecks(feed, start_step=start_step, stop_step=stop_step,
-                               save_every=config.checkpoint.every_steps,
-                               log_every=config.log_every_steps)
-    with device_batches.DevicePrefetch(
-        feed.next, batch_sharding, start_step=start_step, stop_step=stop_step,
-        depth=config.dataset.device_prefetch) as prefetch:
-      for step in range(start_step, stop_step):
-        state, metrics = step_fn(state, prefetch.next(step), seed)
-        done = step + 1
-        values, log_now, save_now, stop_requested = checks.after(done, metrics, last_saved)
-        if done % interval == 0 or done == total_steps:
-          val_loss = validation_loss({'params': state['params'],
-                                      'batch_stats': state['batch_stats']})
-          state = best_fn(state, jnp.float32(val_loss))
-          last['val_loss'] = val_loss
-        if log_now:
-          last.update({k: float(values[k]) for k in ('loss', 'grad_norm', 'lr')})
-          writer.write_scalars(done, last)
-          writer.flush()
-        if save_now:
-          checkpointer.save(done, state, metadata, force=True)
-          last_saved = done
-        if stop_requested:
-          stop_step = done
-          break
+    def between_steps(state, done, batch):  # pylint: disable=unused-argument
+      if done % interval and done != total_steps:
+        return state, {}
+      val_loss = validation_loss({'params': state['params'], 'batch_stats': state['batch_stats']})
+      return best_fn(state, jnp.float32(val_loss)), {'val_loss': val_loss}
+
+    peak, _ = flops_lib.device_peak_flops(override_tflops=config.peak_tflops_per_device)
+    end = loop.run_steps(
+        state=state, compile_step=lambda state, batch: lambda s, b: step_fn(s, b, seed),
+        feed=feed, batch_sharding=batch_sharding, start_step=start_step, stop_step=stop_step,
+        prefetch_depth=config.dataset.device_prefetch, save_every=config.checkpoint.every_steps,
+        log_every=config.log_every_steps, checkpointer=checkpointer, metadata=metadata,
+        writer=writer, stop_signal=stop_signal, last_saved=last_saved,
+        throughput=loop.Throughput(config.batch_size, flops_lib.encoder_train_flops(
+            eval_model, frozen=config.freeze_encoder), peak, jax.device_count(), total_steps),
+        between_steps=between_steps)
+    state = end.state
     checkpointer.close()  # Waits until every save is committed.
-    if stop_requested:
+    if end.stopped_by:
       writer.close()
-      report(f'Stopped by {stop_signal.name or "SIGTERM on another process"} at step '
-             f'{stop_step}: checkpoint committed to {checkpointer.directory}/{stop_step}; run the '
-             'same command again to resume.')
-      return {'step': stop_step, 'stopped': True}
+      loop.report(loop.stopped_message(end.stopped_by, end.end_step, checkpointer.directory))
+      return {'step': end.end_step, 'stopped': True}
     if stop_step < total_steps:
       writer.close()
-      report(f'Stopped at step {stop_step} of {total_steps} (config.stop_at_step); run again '
-             'to resume.')
+      loop.report(f'Stopped at step {stop_step} of {total_steps} (config.stop_at_step); run again '
+                  'to resume.')
       return {'step': stop_step, 'stopped': True}
 
     # --- Final evaluation of the selected model ---------------------------------------------

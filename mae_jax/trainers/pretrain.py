@@ -16,7 +16,9 @@ non-finite loss or gradient: the step leaves the state unchanged, training stops
 number, nothing more is saved, so the latest checkpoint is the last good one. A batch that
 cannot be read: the reader's error (file, record), or, with ``config.dataset.max_bad_records``,
 a counted skip. Across processes all of these are agreed at the same step through the batch's
-``CONTROL`` column (``mae_jax.faults``), so no host is left waiting for another.
+``CONTROL`` column (``mae_jax.faults``), so no host is left waiting for another. The step loop
+itself is the trainers' shared ``loop.run_steps``; this module supplies the step (compiled with
+the remat policy that fits, ``mae_jax.memory``) and the reconstruction previews between steps.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ import numpy as np
 from etils import epath
 
 from data_pipeline import data_shards as data_shards_lib
-from data_pipeline import device_batches
 from data_pipeline import input as data_input
 from data_pipeline import render
 from data_pipeline import schema
@@ -48,30 +49,17 @@ from mae_jax import memory
 from mae_jax import optim
 from mae_jax import plots
 from mae_jax import preprocess
-from mae_jax.trainers import pretrain_step
 from mae_jax import pretrained
 from mae_jax import sharding
 from mae_jax import state as state_lib
 from mae_jax import validate
-from mae_jax import writers
 from mae_jax.models import mae
+from mae_jax.trainers import loop
+from mae_jax.trainers import pretrain_step
 
 # Fields of config.model that decide parameter shapes: a checkpoint must agree on all of them.
 ARCHITECTURE_FIELDS = ('image_size', 'patch_size', 'num_channels', 'encoder', 'decoder',
                        'pos_embedding', 'scan_layers')
-
-
-def report(message: str) -> None:
-  """Prints a progress message on process 0 only."""
-  if jax.process_index() == 0:
-    print(message, flush=True)
-
-
-def resolve_workdir(workdir: str) -> str:
-  """Absolute local path (Orbax requires one) or the unchanged remote URL (gs://...)."""
-  if not workdir:
-    raise ValueError('workdir is empty: pass --workdir DIR')
-  return workdir if '://' in workdir else os.path.abspath(workdir)
 
 
 def architecture(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -106,37 +94,10 @@ def reconstruct(params, images_f16, step, *, model, mean, std, seed):
   return to_db(target, no_mask), to_db(target, masked), to_db(pasted, no_mask)
 
 
-class Throughput:
-  """Steps/s, images/s, MFU and ETA over the interval since the last report."""
-
-  def __init__(self, global_batch, flops_per_example, peak_flops, num_devices, total_steps):
-    self.global_batch = global_batch
-    self.flops_per_example = flops_per_example
-    self.peak_total = peak_flops * num_devices if peak_flops else None
-    self.total_steps = total_steps
-    self.start_time = self.start_step = None
-
-  def start(self, step: int) -> None:
-    self.start_time, self.start_step = time.perf_counter(), step
-
-  def report(self, step: int) -> dict[str, float]:
-    elapsed = time.perf_counter() - self.start_time
-    steps = step - self.start_step
-    self.start(step)
-    if steps <= 0 or elapsed <= 0:
-      return {}
-    steps_per_s = steps / elapsed
-    out = {'steps_per_s': steps_per_s, 'img_per_s': steps_per_s * self.global_batch,
-           'eta_min': (self.total_steps - step) / steps_per_s / 60.0}
-    if self.peak_total:
-      out['mfu'] = steps_per_s * self.global_batch * self.flops_per_example / self.peak_total
-    return out
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) pretraining; returns the last logged metrics (plus 'stopped_by' when a
   signal stopped it early)."""
-  workdir = resolve_workdir(workdir)
+  workdir = loop.resolve_workdir(workdir)
   # --- Config, mesh and data -------------------------------------------------------------
   validate.check_model(config.model)
   mesh = sharding.create_mesh(config.mesh)
@@ -152,7 +113,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     index = data_input.read_split_index(config.dataset.data_dir, config.dataset.train_split,
                                         features=(schema.TILE_ID, schema.REGION))
     records = subsets.select_records(index, regions=tuple(config.dataset.regions))
-    report(f'Pretraining on {len(records)} of {len(index[schema.TILE_ID])} tiles '
+    loop.report(f'Pretraining on {len(records)} of {len(index[schema.TILE_ID])} tiles '
            f'(regions {", ".join(config.dataset.regions)}).')
   num_files = data_shards_lib.num_files(config.dataset.data_dir, config.dataset.train_split)
   num_shards = validate.check_data_shards(config, jax.process_count(), num_files)
@@ -174,11 +135,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   local_batch = config.batch_size // jax.process_count()
   data_layout = dataset.layout(config.seed, config.batch_size)
 
-  workdir_path = epath.Path(workdir)
-  workdir_path.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    (workdir_path / 'config.json').write_text(config.to_json_best_effort(indent=2))
-  writer = writers.create_writer(workdir)
+  _, writer = loop.prepare_workdir(workdir, config)
 
   # --- Model, optimiser, state ----------------------------------------------------------------
   model = mae.model_from_config(config.model)
@@ -194,12 +151,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     latest = checkpointer.latest_step()
     if latest is None:
       state = state_lib.create_state(model, tx, jax.random.key(config.seed), state_sharding)
-      report(f'Initialised a new model ({state_lib.count_params(state["params"]):,} parameters).')
+      loop.report(f'Initialised a new model ({state_lib.count_params(state["params"]):,} '
+                  'parameters).')
       if config.get('init_from'):
         imported = pretrained.import_weights(config.init_from, model, config.init_from_channels)
         state = {**state, 'params': pretrained.place(state['params'], imported,
                                                      state_sharding['params'])}
-        report(f'Imported the {imported.part} from {config.init_from}'
+        loop.report(f'Imported the {imported.part} from {config.init_from}'
                + ''.join(f'; {note}' for note in imported.notes) + '.')
     else:
       saved = checkpointer.restore_metadata(latest)
@@ -211,7 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       check_data_layout(saved.get('data_layout'), data_layout, config.dataset,
                         f'{checkpointer.directory}/{latest}')
       state, _ = checkpointer.restore(latest, ckpt_lib.abstract_like(abstract_state, state_sharding))
-      report(f'Resumed from {checkpointer.directory}/{latest}.')
+      loop.report(f'Resumed from {checkpointer.directory}/{latest}.')
     start_step = int(jax.device_get(state['step']))
 
     def step_fn(remat_policy):
@@ -232,7 +190,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       stop_step = min(stop_step, config.stop_at_step)
     num_steps = max(stop_step - start_step, 0)
     if not num_steps:
-      report(f'Nothing to do: the checkpoint is at step {start_step}, the run stops at {stop_step}.')
+      loop.report(f'Nothing to do: the checkpoint is at step {start_step}, the run stops at '
+                  f'{stop_step}.')
     image_shape = (local_batch, dataset.tile_size, dataset.tile_size, dataset.num_channels)
     feed = faults.Feed(
         dataset.batches(local_batch, seed=config.seed, start_step=start_step,
@@ -243,68 +202,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     flops_per_example = flops_lib.mae_train_flops(model)
     peak, peak_source = flops_lib.device_peak_flops(
         override_tflops=config.peak_tflops_per_device)
-    throughput = Throughput(config.batch_size, flops_per_example, peak, jax.device_count(),
+    throughput = loop.Throughput(config.batch_size, flops_per_example, peak, jax.device_count(),
                             config.total_steps)
-    report(f'{flops_per_example / 1e9:.3f} GFLOP per example per training step; device peak '
+    loop.report(f'{flops_per_example / 1e9:.3f} GFLOP per example per training step; device peak '
            + (f'{peak / 1e12:.3g} TFLOP/s ({peak_source})' if peak else 'unknown (no MFU; set '
               'config.peak_tflops_per_device)') + f'; {jax.device_count()} devices in '
            f'{jax.process_count()} process(es), mesh {dict(mesh.shape)}, {num_shards} data '
            f'shard(s); steps {start_step} -> {stop_step}.')
 
     # --- Loop -----------------------------------------------------------------------------------
-    last_metrics: dict[str, Any] = {}
-    preview = None
-    compiled = None
-    last_saved = latest
-    stopped_by = ''
-    checks = faults.StepChecks(feed, start_step=start_step, stop_step=stop_step,
-                               save_every=config.checkpoint.every_steps,
-                               log_every=config.log_every_steps)
-    # Reads and copies to the devices run ahead of the step on a thread.
-    with device_batches.DevicePrefetch(
-        feed.next, batch_sharding, start_step=start_step, stop_step=stop_step,
-        depth=config.dataset.device_prefetch) as prefetch:
-      for step in range(start_step, stop_step):
-        batch = prefetch.next(step)
-        if preview is None:
-          preview = first_rows(batch[schema.IMAGE])
-        if compiled is None:  # Compile ahead of time so timing excludes it.
-          t0 = time.perf_counter()
-          limit = memory.device_memory_bytes()
-          compiled, remat, planned = memory.compile_fitting(
-              lambda policy: step_fn(policy).lower(state, batch).compile(),
-              config.model.remat_policy, limit)
-          report(f'Compiled the train step in {time.perf_counter() - t0:.1f} s (remat {remat}'
-                 + (f'; XLA plans {planned / 1e9:.1f} GB per device' if planned else '')
-                 + (f' of {limit / 1e9:.1f} GB' if planned and limit else '') + ').')
-          throughput.start(step)
-        state, metrics = compiled(state, batch)
-        done = step + 1
-        values, log_now, save_now, stop_requested = checks.after(done, metrics, last_saved)
-        if log_now:
-          last_metrics = {k: float(v) for k, v in values.items()
-                          if k in ('loss', 'grad_norm', 'lr')}
-          if 'skipped_records' in values:
-            last_metrics['skipped_records'] = float(checks.skipped_records)
-          last_metrics.update(throughput.report(done))
-          writer.write_scalars(done, last_metrics)
-          writer.flush()
-        if done % config.image_every_steps == 0 or done == stop_step:
-          images = recon_fn(state['params'], preview, done)
-          if jax.process_index() == 0:
-            write_reconstruction(writer, workdir, done, images)
-        if save_now:
-          checkpointer.save(done, state, metadata, force=True)
-          last_saved = done
-        if stop_requested:
-          stopped_by = stop_signal.name or 'SIGTERM on another process'
-          break
+    def compile_step(state, batch):
+      t0 = time.perf_counter()
+      limit = memory.device_memory_bytes()
+      compiled, remat, planned = memory.compile_fitting(
+          lambda policy: step_fn(policy).lower(state, batch).compile(),
+          config.model.remat_policy, limit)
+      loop.report(f'Compiled the train step in {time.perf_counter() - t0:.1f} s (remat {remat}'
+             + (f'; XLA plans {planned / 1e9:.1f} GB per device' if planned else '')
+             + (f' of {limit / 1e9:.1f} GB' if planned and limit else '') + ').')
+      return compiled
+
+    preview = []  # A few tiles of the first batch, reconstructed at image steps.
+
+    def between_steps(state, done, batch):
+      if not preview:
+        preview.append(first_rows(batch[schema.IMAGE]))
+      if done % config.image_every_steps == 0 or done == stop_step:
+        images = recon_fn(state['params'], preview[0], done)
+        if jax.process_index() == 0:
+          write_reconstruction(writer, workdir, done, images)
+      return state, {}
+
+    end = loop.run_steps(
+        state=state, compile_step=compile_step, feed=feed, batch_sharding=batch_sharding,
+        start_step=start_step, stop_step=stop_step,
+        prefetch_depth=config.dataset.device_prefetch,
+        save_every=config.checkpoint.every_steps, log_every=config.log_every_steps,
+        checkpointer=checkpointer, metadata=metadata, writer=writer, throughput=throughput,
+        stop_signal=stop_signal, last_saved=latest, between_steps=between_steps)
     checkpointer.close()  # Waits until every save is committed.
     writer.close()
-  if stopped_by:
-    report(f'Stopped by {stopped_by} at step {last_saved}: checkpoint committed to '
-           f'{checkpointer.directory}/{last_saved}; run the same command again to resume.')
-    last_metrics['stopped_by'] = stopped_by
+  last_metrics = dict(end.metrics)
+  if end.stopped_by:
+    loop.report(loop.stopped_message(end.stopped_by, end.last_saved, checkpointer.directory))
+    last_metrics['stopped_by'] = end.stopped_by
   return last_metrics
 
 
@@ -341,7 +282,7 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, step: int | N
 
   Returns (state, metadata). The mesh may differ from the one the checkpoint was saved on.
   """
-  workdir = resolve_workdir(workdir)
+  workdir = loop.resolve_workdir(workdir)
   if not epath.Path(ckpt_lib.checkpoint_dir(workdir)).exists():
     raise FileNotFoundError(f'no checkpoints folder in {workdir!r}: is it a mae_jax workdir?')
   mesh = sharding.create_mesh(config.mesh)
