@@ -87,6 +87,14 @@ def get_config(task: str, head_kind: str, arg: str) -> ml_collections.ConfigDict
   # for 64 tiles at 448 px) overlaps the step; 0 = read each batch when its step starts.
   c.dataset.device_prefetch = 2
   c.dataset.shuffle_buffer = 256
+  # As in pretraining (configs/pretrain.py): parts the training subset is cut into (0 = one per
+  # process; a fixed number keeps the data order on any host count, but small label fractions
+  # need at least one selected tile in every part), payload CRC checks, bad records to skip,
+  # and whether a resume may change the data order.
+  c.dataset.data_shards = 0
+  c.dataset.verify_checksums = base.dataset.verify_checksums
+  c.dataset.max_bad_records = 0
+  c.dataset.allow_new_data_order = False
 
   c.model = base.model
   c.model.drop_path_rate = 0.0

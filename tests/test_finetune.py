@@ -177,6 +177,18 @@ def test_fine_tuning_logs_throughput_and_validation_only_where_measured(pretrain
     assert r['img_per_s'] > 0 and r['eta_min'] >= 0 and 0 < r['mfu'] < 10
 
 
+def test_fine_tuning_resume_with_another_data_order_is_refused(pretrained, tmp_path):
+  config = finetune_config(pretrained)
+  config.stop_at_step = 2
+  assert finetune.finetune(config, str(tmp_path))['stopped']
+  config.dataset.data_shards = 2  # The same subset cut in two parts: another order.
+  with pytest.raises(ValueError, match=r'resuming here would change the order of the training '
+                     r"data \(data_shards: checkpoint 1 != now 2.*allow_new_data_order"):
+    finetune.finetune(config, str(tmp_path))
+  config.dataset.allow_new_data_order = True
+  assert finetune.finetune(config, str(tmp_path))['stopped']  # Up to stop_at_step again: 2.
+
+
 def test_drop_path_is_identity_when_deterministic_and_random_in_training(pretrained):
   config = finetune_config(pretrained)
   config.model.drop_path_rate = 0.5

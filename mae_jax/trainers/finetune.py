@@ -30,10 +30,12 @@ import ml_collections
 import numpy as np
 import optax
 
+from data_pipeline import data_shards as data_shards_lib
 from data_pipeline import input as data_input
 from data_pipeline import schema
 from data_pipeline import subsets
 from mae_jax import checkpoint as ckpt_lib
+from mae_jax import distributed
 from mae_jax import faults
 from mae_jax import flops as flops_lib
 from mae_jax import optim
@@ -50,20 +52,29 @@ from mae_jax.trainers import pretrain as pretrain_lib
 # Fields of config.model that decide the encoder's param shapes (the decoder is not restored).
 ENCODER_ARCHITECTURE_FIELDS = ('image_size', 'patch_size', 'num_channels', 'encoder',
                                'pos_embedding', 'scan_layers')
-# Optimisers and jitted functions by what they close over: later runs in one process (the
-# label-efficiency study runs dozens differing only in data, seed and init values) reuse them and
-# their compiled executables. Few entries: executables hold device memory.
-_MEMO: collections.OrderedDict[Any, Any] = collections.OrderedDict()
-_MEMO_SIZE = 16
+
+class CompileCache:
+  """Optimisers and jitted functions by what they close over, for a caller that runs many
+  fine-tunings in one process (the label-efficiency study runs dozens differing only in data,
+  seed and init values): later runs reuse them and their compiled executables. It belongs to
+  that caller; a lone run builds everything afresh. Few entries: executables hold device memory.
+  """
+
+  def __init__(self, size: int = 16):
+    self._entries: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+    self._size = size
+
+  def get(self, key, build):
+    if key not in self._entries:
+      self._entries[key] = build()
+      while len(self._entries) > self._size:
+        self._entries.popitem(last=False)
+    self._entries.move_to_end(key)
+    return self._entries[key]
 
 
-def memo(key, build):
-  if key not in _MEMO:
-    _MEMO[key] = build()
-    while len(_MEMO) > _MEMO_SIZE:
-      _MEMO.popitem(last=False)
-  _MEMO.move_to_end(key)
-  return _MEMO[key]
+def cached(cache: CompileCache | None, key, build):
+  return cache.get(key, build) if cache is not None else build()
 
 
 def sharding_key(shardings) -> tuple[Any, ...]:
@@ -86,13 +97,16 @@ def train_step(state, batch, seed, *, model, tx, schedule, mean, std, task):
   images, _ = preprocess.normalise(batch[schema.IMAGE], mean, std)
   labels = batch[evaluate.label_feature(task)]
   rng = jax.random.fold_in(jax.random.key(seed), step)
+  # Records skipped as bad (config.dataset.max_bad_records) carry no label: left out of the loss.
+  keep = jnp.ones(images.shape[0], jnp.bool_)
+  if faults.BAD_RECORD in batch:
+    keep = ~batch[faults.BAD_RECORD]
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state['batch_stats']}
     output, updates = model.apply(variables, images, rngs={'dropout': rng},
                                   mutable=['batch_stats'])
-    loss_sum, count = evaluate.task_loss(task, output, labels,
-                                         jnp.ones(images.shape[0], jnp.bool_))
+    loss_sum, count = evaluate.task_loss(task, output, labels, keep)
     return loss_sum / jnp.maximum(count, 1.0), updates.get('batch_stats', {})
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
@@ -159,10 +173,10 @@ def state_shardings(model, tx, mesh, rules):
   return abstract, shardings
 
 
-def create_state(model, tx, rng, shardings):
-  init_fn = memo(('init', model, tx, sharding_key(shardings)),
-                 lambda: jax.jit(functools.partial(_init_state, model=model, tx=tx),
-                                 out_shardings=shardings))
+def create_state(model, tx, rng, shardings, cache: CompileCache | None = None):
+  init_fn = cached(cache, ('init', model, tx, sharding_key(shardings)),
+                   lambda: jax.jit(functools.partial(_init_state, model=model, tx=tx),
+                                   out_shardings=shardings))
   return init_fn(rng)
 
 
@@ -210,7 +224,8 @@ def restore_encoder(config, model_abstract, model_shardings, contract):
   return restored['params'], metadata, f'{directory}/{step}'
 
 
-def setup_state(config, model, tx, mesh, rules, checkpointer, contract):
+def setup_state(config, model, tx, mesh, rules, checkpointer, contract, data_layout=None,
+                cache: CompileCache | None = None):
   """The run's first state, sharded on ``mesh``: resumed from the workdir, or new with the
   encoder restored from ``config.init_checkpoint`` (if set).
 
@@ -221,7 +236,7 @@ def setup_state(config, model, tx, mesh, rules, checkpointer, contract):
   latest = checkpointer.latest_step() if checkpointer else None
   init_from = None
   if latest is None:
-    state = create_state(model, tx, jax.random.key(config.seed), state_sharding)
+    state = create_state(model, tx, jax.random.key(config.seed), state_sharding, cache)
     params = None
     if config.init_checkpoint and config.get('init_from'):
       raise ValueError('set config.init_checkpoint (a mae_jax pretraining checkpoint) or '
@@ -252,6 +267,8 @@ def setup_state(config, model, tx, mesh, rules, checkpointer, contract):
     if diffs:
       raise ValueError(f'checkpoint {checkpointer.directory}/{latest} was written by another '
                        'model: ' + '; '.join(diffs))
+    pretrain_lib.check_data_layout(saved.get('data_layout'), data_layout, config.dataset,
+                                   f'{checkpointer.directory}/{latest}')
     state, saved = checkpointer.restore(latest, ckpt_lib.abstract_like(abstract_state,
                                                                       state_sharding))
     contract = schema.InputContract.from_dict(saved['input_contract'])
@@ -261,6 +278,12 @@ def setup_state(config, model, tx, mesh, rules, checkpointer, contract):
 
 
 # --- Data -----------------------------------------------------------------------------------
+
+
+def opened(stream):
+  """``stream`` with its files scanned (a missing or damaged file fails at start-up)."""
+  stream.check_readable()
+  return stream
 
 
 def training_records(config) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -295,8 +318,12 @@ def eval_every(config, num_examples: int) -> int:
 # --- Trainer --------------------------------------------------------------------------------
 
 
-def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) one fine-tuning run; returns its final metrics."""
+def finetune(config: ml_collections.ConfigDict, workdir: str,
+             cache: CompileCache | None = None) -> dict[str, Any]:
+  """Runs (or resumes) one fine-tuning run; returns its final metrics.
+
+  ``cache``: a :class:`CompileCache` shared by the runs of one process (the study), or None.
+  """
   workdir = loop.resolve_workdir(workdir)
   task = config.task_name
   if task not in ('vcf', 'worldcover'):
@@ -311,14 +338,22 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   # --- Data ---------------------------------------------------------------------------------
   records, _ = training_records(config)
-  train_data = data_input.HostDataset(config.dataset.data_dir, config.dataset.train_split,
-                                      records=records)
+  # The pretraining stream: fixed data shards, bad-record and checksum options (data_shards).
+  num_shards = validate.check_data_shards(
+      config, jax.process_count(),
+      data_shards_lib.num_files(config.dataset.data_dir, config.dataset.train_split))
+  train_data = distributed.agree(lambda: opened(data_shards_lib.ShardedStream(
+      config.dataset.data_dir, config.dataset.train_split, data_shards=num_shards,
+      process_index=jax.process_index(), process_count=jax.process_count(), records=records,
+      **pretrain_lib.reader_options(config.dataset))), 'opening the training data')
   validate.check_data(config.model, config.dataset.data_dir, train_data.num_channels,
                       train_data.tile_size)
   total_steps = num_train_steps(config, len(records))
   probe = ml_collections.ConfigDict({'batch_size': config.batch_size, 'total_steps': total_steps,
                                      'optim': {'grad_accum_steps': 1}})
   validate.check_batch(probe, sharding.data_parallel_size(mesh), jax.process_count())
+  validate.check_process_rows(sharding.batch_sharding(mesh), config.batch_size,
+                              jax.process_count())
   contract = train_data.contract
   local_batch = config.batch_size // jax.process_count()
   eval_batch = config.eval_batch_size or config.batch_size
@@ -332,8 +367,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       lambda r: nn.meta.unbox(downstream.init_variables_fn(eval_model)(r)),
       jax.random.key(0))['params']
   optim_config = resolved_optim(config, len(records))
-  tx, schedule = memo(
-      ('tx', eval_model, optim_config.to_json(), config.batch_size, total_steps),
+  tx, schedule = cached(
+      cache, ('tx', eval_model, optim_config.to_json(), config.batch_size, total_steps),
       lambda: optim.create_finetune_optimizer(
           optim_config, config.batch_size, total_steps, abstract_params,
           depth=config.model.encoder.depth, freeze_encoder=config.freeze_encoder,
@@ -343,15 +378,17 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                        async_save=config.checkpoint.async_save)
   last_saved = checkpointer.latest_step()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules), faults.StopSignal() as stop_signal:
+    data_layout = train_data.layout(config.seed, config.batch_size)
     state, state_sharding, contract, init_from = setup_state(config, eval_model, tx, mesh, rules,
-                                                             checkpointer, contract)
+                                                             checkpointer, contract, data_layout,
+                                                             cache)
     # The encoder keeps the normalisation it was pretrained with; scratch uses this dataset's.
     mean, std = np.asarray(contract.mean, np.float32), np.asarray(contract.std, np.float32)
     metadata = {'task': 'finetune', 'task_name': task, 'head_kind': config.head.kind,
                 'model': config.model.to_dict(), 'architecture': finetune_architecture(config),
                 'input_contract': contract.to_dict(), 'init_checkpoint': init_from,
                 'label_fraction': config.label_fraction, 'num_train_examples': len(records),
-                'config': json.loads(config.to_json_best_effort())}
+                'data_layout': data_layout, 'config': json.loads(config.to_json_best_effort())}
     start_step = int(jax.device_get(state['step']))
 
     batch_sharding = sharding.batch_sharding(mesh)
@@ -365,8 +402,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         out_shardings=state_sharding, donate_argnums=(0,))
       return step_fn, best_fn, evaluate.make_eval_fn(eval_model, mean, std, task)
 
-    step_fn, best_fn, eval_fn = memo(
-        ('functions', train_model, tx, tuple(mean.tolist()), tuple(std.tolist()), task,
+    step_fn, best_fn, eval_fn = cached(
+        cache, ('functions', train_model, tx, tuple(mean.tolist()), tuple(std.tolist()), task,
          sharding_key(state_sharding)), build_functions)
     seed = jnp.int32(config.seed)
     features = (schema.IMAGE, evaluate.label_feature(task))
@@ -389,7 +426,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     batches = train_data.batches(local_batch, seed=config.seed, start_step=start_step,
                                  num_steps=max(stop_step - start_step, 0),
                                  shuffle_buffer=config.dataset.shuffle_buffer, features=features)
-    feed = faults.Feed(batches, lambda: no_data_batch(task, local_batch, train_data), stop_signal)
+    feed = faults.Feed(batches, lambda: no_data_batch(task, local_batch, train_data), stop_signal,
+                       skip_mode=config.dataset.max_bad_records > 0)
     def between_steps(state, done, batch):  # pylint: disable=unused-argument
       if done % interval and done != total_steps:
         return state, {}

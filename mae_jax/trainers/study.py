@@ -81,15 +81,16 @@ def finetune_config(study, task: str, init: str, fraction: float, lr: float, see
   return config
 
 
-def run_once(study, workdir, task, init, fraction, lr, seed, checkpoint) -> dict[str, Any]:
-  """One fine-tuning run (or its saved result)."""
+def run_once(study, workdir, task, init, fraction, lr, seed, checkpoint,
+             cache=None) -> dict[str, Any]:
+  """One fine-tuning run (or its saved result); ``cache``: the study's compile cache."""
   from mae_jax.trainers import finetune  # pylint: disable=g-import-not-at-top
   path = run_dir(workdir, task, init, fraction, lr, seed)
   done = os.path.join(path, 'final_metrics.json')
   if not os.path.exists(done):
     t0 = time.perf_counter()
     result = finetune.finetune(finetune_config(study, task, init, fraction, lr, seed, checkpoint),
-                               path)
+                               path, cache)
     if result.get('stopped'):
       stop_study()
     print(f'   {task} {init} {fraction:g} lr {lr:g} seed {seed}: '
@@ -129,19 +130,24 @@ def run_study(study, workdir: str) -> dict[str, str]:
     f.write(study.to_json_best_effort(indent=2))
   t0 = time.perf_counter()
   checkpoint = pretrain_if_needed(study, workdir)
+  from mae_jax.trainers import finetune  # pylint: disable=g-import-not-at-top
+  # The study's runs differ in data, seed and init values only: they share compiled functions.
+  cache = finetune.CompileCache()
   rows, selections = [], {}
   seeds = list(study.seeds)
   for task in study.tasks:
     for fraction in study.fractions:
       for init in INITS:
         print(f'== {task}, {fraction * 100:g} % labels, {init}', flush=True)
-        sweep = {lr: run_once(study, workdir, task, init, fraction, lr, seeds[0], checkpoint)
+        sweep = {lr: run_once(study, workdir, task, init, fraction, lr, seeds[0], checkpoint,
+                              cache)
                  for lr in study.lr_sweep}
         best_lr = min(sweep, key=lambda lr: sweep[lr]['splits']['validation']['all']['loss'])
         selections[f'{task}/{init}/{fraction:g}'] = best_lr
         for seed in seeds:
           result = (sweep[best_lr] if seed == seeds[0] else
-                    run_once(study, workdir, task, init, fraction, best_lr, seed, checkpoint))
+                    run_once(study, workdir, task, init, fraction, best_lr, seed, checkpoint,
+                             cache))
           rows.extend(rows_of(study, result, task, init, fraction, best_lr, seed))
   paths = study_report.write_report(rows, workdir)
   with open(os.path.join(workdir, 'selected_lr.json'), 'w') as f:
