@@ -43,8 +43,9 @@ def check_model(model_config: Any) -> None:
                       f'{mae.POS_EMBEDDING_CHOICES}')
 
 
-def check_batch(config: Any, data_parallel: int, process_count: int) -> None:
-  batch, accum = config.batch_size, config.optim.grad_accum_steps
+def check_batch(batch: int, total_steps: int, data_parallel: int, process_count: int,
+                accum: int = 1) -> None:
+  """config.batch_size against the mesh, the processes and config.optim.grad_accum_steps."""
   if batch <= 0:
     raise ConfigError(f'config.batch_size={batch} must be positive')
   if accum < 1 or batch % accum:
@@ -56,8 +57,8 @@ def check_batch(config: Any, data_parallel: int, process_count: int) -> None:
                       '(config.mesh data x fsdp)')
   if batch % process_count:
     raise ConfigError(f'config.batch_size={batch} is not divisible by the {process_count} processes')
-  if config.total_steps <= 0:
-    raise ConfigError(f'config.total_steps={config.total_steps} must be positive')
+  if total_steps <= 0:
+    raise ConfigError(f'config.total_steps={total_steps} must be positive')
 
 
 def check_data(model_config: Any, data_dir: str, num_channels: int, tile_size: int) -> None:

@@ -349,9 +349,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
   validate.check_data(config.model, config.dataset.data_dir, train_data.num_channels,
                       train_data.tile_size)
   total_steps = num_train_steps(config, len(records))
-  probe = ml_collections.ConfigDict({'batch_size': config.batch_size, 'total_steps': total_steps,
-                                     'optim': {'grad_accum_steps': 1}})
-  validate.check_batch(probe, sharding.data_parallel_size(mesh), jax.process_count())
+  validate.check_batch(config.batch_size, total_steps, sharding.data_parallel_size(mesh),
+                       jax.process_count())
   validate.check_process_rows(sharding.batch_sharding(mesh), config.batch_size,
                               jax.process_count())
   contract = train_data.contract

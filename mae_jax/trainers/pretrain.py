@@ -101,7 +101,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Config, mesh and data -------------------------------------------------------------
   validate.check_model(config.model)
   mesh = sharding.create_mesh(config.mesh)
-  validate.check_batch(config, sharding.data_parallel_size(mesh), jax.process_count())
+  validate.check_batch(config.batch_size, config.total_steps, sharding.data_parallel_size(mesh),
+                       jax.process_count(), accum=config.optim.grad_accum_steps)
   batch_sharding = sharding.batch_sharding(mesh)
   validate.check_process_rows(batch_sharding, config.batch_size, jax.process_count())
   rules = sharding.rules_from_config(config.logical_rules)
