@@ -30,12 +30,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from data_pipeline import data_shards as data_shards_lib
 from data_pipeline import input as data_input
 from data_pipeline import schema
 from data_pipeline import subsets
 from mae_jax import checkpoint as ckpt_lib
-from mae_jax import distributed
 from mae_jax import faults
 from mae_jax import flops as flops_lib
 from mae_jax import optim
@@ -52,6 +50,7 @@ from mae_jax.trainers import pretrain as pretrain_lib
 # Fields of config.model that decide the encoder's param shapes (the decoder is not restored).
 ENCODER_ARCHITECTURE_FIELDS = ('image_size', 'patch_size', 'num_channels', 'encoder',
                                'pos_embedding', 'scan_layers')
+
 
 class CompileCache:
   """Optimisers and jitted functions by what they close over, for a caller that runs many
@@ -267,7 +266,7 @@ def setup_state(config, model, tx, mesh, rules, checkpointer, contract, data_lay
     if diffs:
       raise ValueError(f'checkpoint {checkpointer.directory}/{latest} was written by another '
                        'model: ' + '; '.join(diffs))
-    pretrain_lib.check_data_layout(saved.get('data_layout'), data_layout, config.dataset,
+    loop.check_data_layout(saved.get('data_layout'), data_layout, config.dataset,
                                    f'{checkpointer.directory}/{latest}')
     state, saved = checkpointer.restore(latest, ckpt_lib.abstract_like(abstract_state,
                                                                       state_sharding))
@@ -278,12 +277,6 @@ def setup_state(config, model, tx, mesh, rules, checkpointer, contract, data_lay
 
 
 # --- Data -----------------------------------------------------------------------------------
-
-
-def opened(stream):
-  """``stream`` with its files scanned (a missing or damaged file fails at start-up)."""
-  stream.check_readable()
-  return stream
 
 
 def training_records(config) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -338,14 +331,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
 
   # --- Data ---------------------------------------------------------------------------------
   records, _ = training_records(config)
-  # The pretraining stream: fixed data shards, bad-record and checksum options (data_shards).
-  num_shards = validate.check_data_shards(
-      config, jax.process_count(),
-      data_shards_lib.num_files(config.dataset.data_dir, config.dataset.train_split))
-  train_data = distributed.agree(lambda: opened(data_shards_lib.ShardedStream(
-      config.dataset.data_dir, config.dataset.train_split, data_shards=num_shards,
-      process_index=jax.process_index(), process_count=jax.process_count(), records=records,
-      **pretrain_lib.reader_options(config.dataset))), 'opening the training data')
+  train_data = loop.open_training_stream(config, records)  # As pretraining reads its data.
   validate.check_data(config.model, config.dataset.data_dir, train_data.num_channels,
                       train_data.tile_size)
   total_steps = num_train_steps(config, len(records))

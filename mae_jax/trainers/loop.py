@@ -19,8 +19,11 @@ import jax
 import ml_collections
 from etils import epath
 
+from data_pipeline import data_shards as data_shards_lib
 from data_pipeline import device_batches
+from mae_jax import distributed
 from mae_jax import faults
+from mae_jax import validate
 from mae_jax import writers
 
 # Scalars every step returns and every log line carries.
@@ -50,6 +53,41 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict):
   if jax.process_index() == 0:
     (path / 'config.json').write_text(config.to_json_best_effort(indent=2))
   return path, writers.create_writer(workdir)
+
+
+def check_data_layout(saved: dict[str, Any] | None, current: dict[str, Any],
+                      dataset_config: ml_collections.ConfigDict, where: str) -> None:
+  """Refuses a resume whose input stream would not continue the checkpoint's."""
+  if saved is None:  # Written before layouts were recorded.
+    return
+  diffs = [f'{key}: checkpoint {saved.get(key)!r} != now {current.get(key)!r}'
+           for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+  if diffs and not dataset_config.allow_new_data_order:
+    raise ValueError(f'{where}: resuming here would change the order of the training data ('
+                     + '; '.join(diffs) + '); restore the settings, or pass '
+                     '--config.dataset.allow_new_data_order=True to continue in a new order')
+
+
+def open_training_stream(config: ml_collections.ConfigDict, records=None):
+  """The training split (or its selected ``records``) as fixed data shards, files scanned.
+
+  ``config.dataset``'s data shards, checksum and bad-record options apply; every process opens
+  its parts before any waits in a collective, and a failure on one stops all.
+  """
+  dataset = config.dataset
+  num_shards = validate.check_data_shards(
+      config, jax.process_count(), data_shards_lib.num_files(dataset.data_dir,
+                                                             dataset.train_split))
+
+  def open_stream():
+    stream = data_shards_lib.ShardedStream(
+        dataset.data_dir, dataset.train_split, data_shards=num_shards,
+        process_index=jax.process_index(), process_count=jax.process_count(), records=records,
+        verify_checksums=dataset.verify_checksums, max_bad_records=dataset.max_bad_records)
+    stream.check_readable()  # A missing or damaged file fails here, at start-up.
+    return stream
+
+  return distributed.agree(open_stream, 'opening the training data')
 
 
 class Throughput:

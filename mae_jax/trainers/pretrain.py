@@ -36,13 +36,11 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from data_pipeline import data_shards as data_shards_lib
 from data_pipeline import input as data_input
 from data_pipeline import render
 from data_pipeline import schema
 from data_pipeline import subsets
 from mae_jax import checkpoint as ckpt_lib
-from mae_jax import distributed
 from mae_jax import faults
 from mae_jax import flops as flops_lib
 from mae_jax import memory
@@ -115,20 +113,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                         features=(schema.TILE_ID, schema.REGION))
     records = subsets.select_records(index, regions=tuple(config.dataset.regions))
     loop.report(f'Pretraining on {len(records)} of {len(index[schema.TILE_ID])} tiles '
-           f'(regions {", ".join(config.dataset.regions)}).')
-  num_files = data_shards_lib.num_files(config.dataset.data_dir, config.dataset.train_split)
-  num_shards = validate.check_data_shards(config, jax.process_count(), num_files)
-
-  def open_stream():
-    # Opened, and its files scanned, by every process before anyone waits in a collective.
-    stream = data_shards_lib.ShardedStream(
-        config.dataset.data_dir, config.dataset.train_split, data_shards=num_shards,
-        process_index=jax.process_index(), process_count=jax.process_count(), records=records,
-        **reader_options(config.dataset))
-    stream.check_readable()
-    return stream
-
-  dataset = distributed.agree(open_stream, 'opening the training data')
+                f'(regions {", ".join(config.dataset.regions)}).')
+  dataset = loop.open_training_stream(config, records)
+  num_shards = dataset.data_shards
   validate.check_data(config.model, config.dataset.data_dir, dataset.num_channels,
                       dataset.tile_size)
   contract = dataset.contract
@@ -167,7 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if diffs:
         raise ValueError(f'checkpoint {checkpointer.directory}/{latest} was written by another '
                          'model: ' + '; '.join(diffs))
-      check_data_layout(saved.get('data_layout'), data_layout, config.dataset,
+      loop.check_data_layout(saved.get('data_layout'), data_layout, config.dataset,
                         f'{checkpointer.directory}/{latest}')
       state, _ = checkpointer.restore(latest, ckpt_lib.abstract_like(abstract_state, state_sharding))
       loop.report(f'Resumed from {checkpointer.directory}/{latest}.')
@@ -248,25 +235,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     loop.report(loop.stopped_message(end.stopped_by, end.last_saved, checkpointer.directory))
     last_metrics['stopped_by'] = end.stopped_by
   return last_metrics
-
-
-def reader_options(dataset_config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """HostDataset options for bad records, from config.dataset."""
-  return {'verify_checksums': dataset_config.verify_checksums,
-          'max_bad_records': dataset_config.max_bad_records}
-
-
-def check_data_layout(saved: dict[str, Any] | None, current: dict[str, Any],
-                      dataset_config: ml_collections.ConfigDict, where: str) -> None:
-  """Refuses a resume whose input stream would not continue the checkpoint's."""
-  if saved is None:  # Written before layouts were recorded.
-    return
-  diffs = [f'{key}: checkpoint {saved.get(key)!r} != now {current.get(key)!r}'
-           for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
-  if diffs and not dataset_config.allow_new_data_order:
-    raise ValueError(f'{where}: resuming here would change the order of the training data ('
-                     + '; '.join(diffs) + '); restore the settings, or pass '
-                     '--config.dataset.allow_new_data_order=True to continue in a new order')
 
 
 def write_reconstruction(writer, workdir, step, images) -> None:
