@@ -63,7 +63,7 @@ def write_scene(path: str, height: int, width: int, seed: int = 0, block: int = 
 def random_checkpoint(preset: str, task: str, workdir: str, dtype: str = '') -> str:
   """Saves a randomly initialised fine-tuning model of ``preset``; returns its step folder."""
   from configs import downstream as downstream_configs  # pylint: disable=g-import-not-at-top
-  config = downstream_configs.get_config(task, 'finetune', preset)
+  config = downstream_configs.build(task, 'finetune', preset)
   if dtype:
     config.model.dtype = dtype
   contract = schema.InputContract(tile_size=config.model.image_size, mean=BENCH_MEAN,

@@ -72,7 +72,7 @@ def synthetic_batch(batch: int, size: int, channels: int, seed: int = 0) -> np.n
 
 def build_config(args):
   """The preset with this run's overrides."""
-  config = pretrain_configs.get_config(args.preset)
+  config = pretrain_configs.preset_config(args.preset)
   on_cpu = jax.devices()[0].platform == 'cpu'
   if args.dtype:
     config.model.dtype = args.dtype
@@ -324,7 +324,7 @@ def main():
       bench.run(args.warmup, host_fed=True)
   batch = config.batch_size
   attention = [vit.resolve_attention(model.attention_implementation, model.dtype, head_dim, length)
-               for head_dim, length in ((model.width // model.num_heads, model.num_kept + 1),
+               for head_dim, length in ((model.width // model.heads, model.num_kept + 1),
                                         (model.decoder_width // model.decoder_heads,
                                          model.num_patches + 1))]
   flops_per_example = flops_lib.mae_train_flops(model)

@@ -4,7 +4,9 @@ Used by ``configs/finetune_vcf.py``, ``configs/finetune_worldcover.py`` and
 ``configs/linear_probe.py``; see those files for the commands. The model section is the
 pretraining preset of the same name (``configs/pretrain.py``), so a checkpoint of that preset fits.
 
-Protocols (the second part of the preset argument, ``<model preset>[,<protocol>]``):
+The argument after the file's colon: ``<preset>`` or ``preset=<preset>,protocol=<protocol>``
+(and ``task=vcf|worldcover`` for linear probing), e.g. ``configs/finetune_vcf.py:preset=mae_b,
+protocol=poster``. Presets are the pretraining presets. Protocols:
   * ``poster`` (default for ``poster`` and ``tiny``): what the poster's authors ran: full
     fine-tuning, AdamW 1.5e-4 constant for backbone and head, (0.9, 0.999), weight decay 0.01,
     batch 8, 100 epochs, the step with the lowest validation loss selected, then tested.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import preset_args
 from configs import pretrain
 
 TASKS = ('vcf', 'worldcover')
@@ -39,23 +42,44 @@ def head_options(task: str, head_kind: str, preset: str) -> dict:
   return {'channels': 16} if tiny else {}
 
 
-def parse_arg(arg: str) -> tuple[str, str]:
-  preset, _, protocol = (arg or 'tiny').partition(',')
-  if not protocol:
+def get_config(arg: str, task: str | None = None,
+               head_kind: str = 'finetune') -> ml_collections.ConfigDict:
+  """Reads a config file's argument (``preset=...,protocol=...,task=...``) into a config.
+
+  ``task`` is the task of a file made for one (``finetune_vcf.py``); without it the argument may
+  name one (``linear_probe.py``, default vcf).
+  """
+  where = f'configs/{"linear_probe" if head_kind == "linear_probe" else f"finetune_{task}"}.py'
+  choices = {'preset': pretrain.PRESETS}
+  if head_kind != 'linear_probe':
+    choices['protocol'] = PROTOCOLS[:2]
+  if task is None:
+    choices['task'] = TASKS
+  args = preset_args.parse(arg, where, **choices)
+  return build(task or args.get('task', 'vcf'), head_kind, args.get('preset', 'tiny'),
+               args.get('protocol'))
+
+
+def build(task: str, head_kind: str, preset: str,
+          protocol: str | None = None) -> ml_collections.ConfigDict:
+  """The config of one fine-tuning or linear-probing run.
+
+  Args:
+    task: One of ``TASKS``.
+    head_kind: 'finetune' or 'linear_probe'.
+    preset: A pretraining preset (``configs.pretrain.PRESETS``): the model.
+    protocol: One of ``PROTOCOLS``; None = the preset's default (see the module docstring).
+      Linear probing always uses 'linear_probe'.
+  """
+  if task not in TASKS:
+    raise ValueError(f'unknown task {task!r}: use one of {TASKS}')
+  if head_kind == 'linear_probe':
+    protocol = 'linear_probe'
+  elif not protocol:
     protocol = 'mae' if preset.startswith('mae_') else 'poster'
   if protocol not in PROTOCOLS:
     raise ValueError(f'unknown protocol {protocol!r}: use one of {PROTOCOLS}')
-  return preset, protocol
-
-
-def get_config(task: str, head_kind: str, arg: str) -> ml_collections.ConfigDict:
-  """The config of one fine-tuning or linear-probing run."""
-  if task not in TASKS:
-    raise ValueError(f'unknown task {task!r}: use one of {TASKS}')
-  preset, protocol = parse_arg(arg)
-  if head_kind == 'linear_probe':
-    protocol = 'linear_probe'
-  base = pretrain.get_config(preset)
+  base = pretrain.preset_config(preset)
   c = ml_collections.ConfigDict()
   c.task = 'finetune'  # The entrypoint's dispatch (mae_jax.main).
   c.task_name = task  # 'vcf' (per-tile percent tree cover) or 'worldcover' (11 classes).

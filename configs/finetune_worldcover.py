@@ -1,7 +1,7 @@
 r"""Fine-tuning on ESA WorldCover (11-class segmentation, SETR-PUP head).
 
-  python -m mae_jax.main --config configs/finetune_worldcover.py:<preset>[,<protocol>] --workdir DIR \
-      --config.init_checkpoint=PRETRAIN_WORKDIR [--config.label_fraction=0.01 --config.seed=1]
+  python -m mae_jax.main --config configs/finetune_worldcover.py:preset=<preset>[,protocol=<protocol>] \
+      --workdir DIR --config.init_checkpoint=PRETRAIN_WORKDIR [--config.label_fraction=0.01 --config.seed=1]
 
 An empty init_checkpoint trains the same architecture from scratch (the baseline). Presets are the
 pretraining presets (tiny, poster, mae_b, ...); protocols, defaults and fields are described in
@@ -13,4 +13,4 @@ from configs import downstream
 
 
 def get_config(arg: str = 'tiny'):
-  return downstream.get_config('worldcover', 'finetune', arg)
+  return downstream.get_config(arg, task='worldcover')

@@ -1,7 +1,7 @@
 r"""Linear probing (He et al.'s protocol): frozen encoder, BatchNorm without affine, one linear layer.
 
-  python -m mae_jax.main --config configs/linear_probe.py:<preset>[,<task>] --workdir DIR \
-      --config.init_checkpoint=PRETRAIN_WORKDIR
+  python -m mae_jax.main --config configs/linear_probe.py:preset=<preset>[,task=<task>] \
+      --workdir DIR --config.init_checkpoint=PRETRAIN_WORKDIR
 
 ``<task>`` is ``vcf`` (default: the cls token -> tree-cover fraction x 100 = percent;
 ``--config.head.options.pool=mean`` uses the mean patch token) or ``worldcover`` (each patch token
@@ -13,5 +13,4 @@ from configs import downstream
 
 
 def get_config(arg: str = 'tiny'):
-  preset, _, task = (arg or 'tiny').partition(',')
-  return downstream.get_config(task or 'vcf', 'linear_probe', preset)
+  return downstream.get_config(arg, head_kind='linear_probe')

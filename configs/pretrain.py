@@ -21,6 +21,9 @@ throughput and what a pod run costs are in bench/README.md):
 
 import ml_collections
 
+from configs import preset_args
+
+PRESETS = ('tiny', 'poster', 'mae_ti', 'mae_s', 'mae_b', 'mae_l', 'mae_h')
 ENCODERS = {  # name: (width, depth, heads, mlp_dim)
     'Ti': (192, 12, 3, 768), 'S': (384, 12, 6, 1536), 'B': (768, 12, 12, 3072),
     'L': (1024, 24, 16, 4096), 'H': (1280, 32, 16, 5120),
@@ -142,7 +145,14 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
+def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
+  """``configs/pretrain.py:<preset>`` or ``:preset=<preset>``."""
+  return preset_config(preset_args.parse(arg, 'configs/pretrain.py', preset=PRESETS)
+                       .get('preset', 'tiny'))
+
+
+def preset_config(preset: str) -> ml_collections.ConfigDict:
+  """The config of one preset (``PRESETS``)."""
   c = base_config()
   if preset == 'tiny':
     c.total_steps = 300
@@ -176,7 +186,7 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 0
     c.optim.b2 = 0.999
     c.optim.weight_decay = 0.01
-  elif preset in ('mae_ti', 'mae_s', 'mae_b', 'mae_l', 'mae_h'):
+  elif preset.startswith('mae_'):
     c.model.encoder = encoder({'ti': 'Ti'}.get(preset[4:], preset[4:].upper()))
     c.total_steps = 800 * 450_000 // 4096
     c.optim.warmup_steps = 40 * 450_000 // 4096
@@ -186,6 +196,5 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     if preset == 'mae_h':
       c.mesh.fsdp = 8
   else:
-    raise ValueError(f'unknown preset {preset!r}: use tiny, poster, mae_ti, mae_s, mae_b, '
-                     'mae_l or mae_h')
+    raise ValueError(f'unknown preset {preset!r}: use one of {", ".join(PRESETS)}')
   return c

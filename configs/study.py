@@ -23,10 +23,15 @@ Presets:
 
 import ml_collections
 
+from configs import preset_args
 from data_pipeline import schema
 
+PRESETS = ('quick', 'full')
 
-def get_config(preset: str = 'quick') -> ml_collections.ConfigDict:
+
+def get_config(arg: str = 'quick') -> ml_collections.ConfigDict:
+  """``configs/study.py:<preset>`` or ``:preset=<preset>``."""
+  preset = preset_args.parse(arg, 'configs/study.py', preset=PRESETS).get('preset', 'quick')
   c = ml_collections.ConfigDict()
   c.preset = preset
   c.data_dir = 'data/synthetic_tiny'
@@ -41,8 +46,10 @@ def get_config(preset: str = 'quick') -> ml_collections.ConfigDict:
   c.pretrain_preset = 'tiny'
   c.pretrain_steps = 0  # 0 = the preset's total_steps.
   c.pretrain_regions = schema.PRETRAIN_REGIONS
-  # Fine-tuning: configs/finetune_<task>.py:<finetune_preset>, then these overrides.
+  # Fine-tuning: configs/finetune_<task>.py:preset=<finetune_preset>,protocol=<finetune_protocol>
+  # ('' = the preset's default protocol), then these overrides.
   c.finetune_preset = 'tiny'
+  c.finetune_protocol = ''
   c.finetune_overrides = ml_collections.ConfigDict()
   if preset == 'quick':
     c.pretrain_steps = 600

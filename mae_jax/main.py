@@ -32,7 +32,7 @@ def main(argv):
 
 
 def run(config, workdir) -> None:
-  task = config.get('task', 'pretrain')
+  task = config.task
   if task != 'evaluate' and not workdir:
     raise app.UsageError('--workdir is required (evaluation alone defaults to the checkpoint\'s)')
   if task == 'pretrain':

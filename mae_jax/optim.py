@@ -34,7 +34,7 @@ def learning_rate_schedule(optim_config: Any, global_batch: int, total_steps: in
     warmup = min(optim_config.warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=optim_config.get('end_lr', 0.0))
+        decay_steps=max(total_steps, warmup + 1), end_value=optim_config.end_lr)
   raise ValueError(f"config.optim.schedule must be 'constant' or 'warmup_cosine', "
                    f'got {optim_config.schedule!r}')
 
@@ -54,7 +54,7 @@ def create_optimizer(optim_config: Any, global_batch: int, total_steps: int):
   if optim_config.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
   parts.append(optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2,
-                           eps=optim_config.get('eps', 1e-8),
+                           eps=optim_config.eps,
                            weight_decay=optim_config.weight_decay, mask=weight_decay_mask))
   return optax.chain(*parts), schedule
 
@@ -113,9 +113,9 @@ def create_finetune_optimizer(optim_config: Any, global_batch: int, total_steps:
   if optim_config.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
   parts += [optax.scale_by_adam(b1=optim_config.b1, b2=optim_config.b2,
-                                eps=optim_config.get('eps', 1e-8)),
+                                eps=optim_config.eps),
             optax.add_decayed_weights(optim_config.weight_decay, mask=weight_decay_mask)]
-  layer_decay = optim_config.get('layer_decay', 1.0)
+  layer_decay = optim_config.layer_decay
   if layer_decay != 1.0 or freeze_encoder:
     scales = layer_decay_scales(params, depth, layer_decay)
     if freeze_encoder:

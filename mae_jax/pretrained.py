@@ -173,7 +173,7 @@ def describe_source(state: Mapping[str, np.ndarray], config: Mapping[str, Any] |
   fields = dict(
       image_size=grid * patch, patch_size=patch, num_channels=channels, width=width,
       depth=_count_layers(state, _ENCODER_LAYER),
-      num_heads=int(config.get('num_attention_heads', target.num_heads)),
+      heads=int(config.get('num_attention_heads', target.heads)),
       mlp_dim=fc1.shape[0] if fc1 is not None else target.mlp_dim,
       pos_embedding='learned' if pos is not None and not _is_sincos(pos) else 'sincos',
       scan_layers=False, dtype=np.float32)
@@ -308,7 +308,7 @@ def import_weights(path: str, target: mae.MaskedAutoencoder, channel_rule: str =
     raise ValueError(f'init_from_channels must be one of {CHANNEL_RULES}, got {channel_rule!r}')
   state, config = read_state_dict(path)
   fields, has_decoder = describe_source(state, config, target)
-  diffs = _differences(fields, target, ('patch_size', 'width', 'depth', 'num_heads', 'mlp_dim'))
+  diffs = _differences(fields, target, ('patch_size', 'width', 'depth', 'heads', 'mlp_dim'))
   if diffs:
     raise ValueError(f'init_from {path}: the encoder differs from config.model: '
                      + '; '.join(diffs))

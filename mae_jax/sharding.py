@@ -46,7 +46,7 @@ def resolve_axis_sizes(sizes: dict[str, int], num_devices: int, prefix: str = 'm
 def create_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds the (data, fsdp, tensor) mesh from ``config.mesh``."""
   devices = list(devices if devices is not None else jax.devices())
-  wanted = mesh_config.get('num_devices', 0)
+  wanted = mesh_config.num_devices
   if wanted:
     if wanted > len(devices):
       raise ValueError(f'config.mesh.num_devices={wanted} but only {len(devices)} devices exist')

@@ -28,7 +28,7 @@ def check_model(model_config: Any) -> None:
     if width % heads:
       raise ConfigError(f'config.model.{part}.width={width} is not divisible by '
                         f'config.model.{part}.heads={heads}')
-  attention = model_config.get('attention_implementation', 'auto')
+  attention = model_config.attention_implementation
   for part in ('encoder', 'decoder'):
     head_dim = model_config[part].width // model_config[part].heads
     try:
@@ -72,7 +72,7 @@ def check_data(model_config: Any, data_dir: str, num_channels: int, tile_size: i
 
 def check_data_shards(config: Any, process_count: int, num_files: int) -> int:
   """Resolves config.dataset.data_shards (0: one per process) and checks it; returns it."""
-  shards = config.dataset.get('data_shards', 0) or process_count
+  shards = config.dataset.data_shards or process_count
   if shards < 0 or shards % process_count:
     raise ConfigError(f'config.dataset.data_shards={shards} must be a multiple of the '
                       f'{process_count} processes (every process reads whole data shards)')

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 def finetune_config(pretrained, task='vcf', kind='finetune', mesh=None):
   workdir, pre = pretrained
-  config = downstream_configs.get_config(task, kind, 'tiny')
+  config = downstream_configs.build(task, kind, 'tiny')
   config.model = ml_collections.ConfigDict(pre.model.to_dict())
   config.model.drop_path_rate = 0.0
   config.dataset.data_dir = pre.dataset.data_dir
@@ -251,7 +251,7 @@ def test_evaluating_a_pretraining_checkpoint_is_a_clear_error(pretrained):
 
 
 def test_encoder_param_names_cover_the_mae_encoder():
-  model = mae.MaskedAutoencoder(image_size=32, patch_size=16, width=32, depth=1, num_heads=2,
+  model = mae.MaskedAutoencoder(image_size=32, patch_size=16, width=32, depth=1, heads=2,
                                 mlp_dim=32, decoder_width=32, decoder_depth=1, decoder_heads=2,
                                 decoder_mlp_dim=32, pos_embedding='learned')
   from mae_jax import state as state_lib  # pylint: disable=g-import-not-at-top

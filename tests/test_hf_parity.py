@@ -24,11 +24,11 @@ from tests.hf_fixtures import hf_sincos
 from tests.hf_fixtures import load_into
 from tests.hf_fixtures import random_params
 
-SMALL = dict(image_size=64, patch_size=16, num_channels=12, width=64, depth=2, num_heads=4,
+SMALL = dict(image_size=64, patch_size=16, num_channels=12, width=64, depth=2, heads=4,
              mlp_dim=128, decoder_width=32, decoder_depth=2, decoder_heads=4, decoder_mlp_dim=64,
              layer_norm_eps=1e-6, dtype=jnp.float32)
 # The 448 x 448 tile of the project (a 28 x 28 grid of 16-pixel patches) at minimal width.
-FULL_GRID = dict(image_size=448, patch_size=16, num_channels=12, width=32, depth=1, num_heads=2,
+FULL_GRID = dict(image_size=448, patch_size=16, num_channels=12, width=32, depth=1, heads=2,
                  mlp_dim=64, decoder_width=32, decoder_depth=1, decoder_heads=2,
                  decoder_mlp_dim=64, layer_norm_eps=1e-6, dtype=jnp.float32)
 CASES = {

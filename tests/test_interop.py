@@ -37,7 +37,7 @@ from tests.tiny_config import run
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A 3-channel ImageNet-style MAE at 64 px with the tiny test model's sizes (width 32, 2 blocks,
 # one 32-wide decoder block), so it can start the 12-channel, 32 px test config.
-RGB = dict(image_size=64, patch_size=16, num_channels=3, width=32, depth=2, num_heads=2,
+RGB = dict(image_size=64, patch_size=16, num_channels=3, width=32, depth=2, heads=2,
            mlp_dim=64, decoder_width=32, decoder_depth=1, decoder_heads=2, decoder_mlp_dim=64,
            norm_pix_loss='none', layer_norm_eps=1e-6)
 RTOL = 1e-5

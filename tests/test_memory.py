@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 def compiled_grad_step(policy):
   """The compiled value-and-grad of a small scanned MAE's loss with ``policy``."""
   model = mae.MaskedAutoencoder(image_size=64, patch_size=4, num_channels=4, width=64, depth=4,
-                                num_heads=4, mlp_dim=256, decoder_width=32, decoder_depth=2,
+                                heads=4, mlp_dim=256, decoder_width=32, decoder_depth=2,
                                 decoder_heads=2, decoder_mlp_dim=128, remat_policy=policy,
                                 scan_layers=True)
   images = jax.ShapeDtypeStruct((16, 64, 64, 4), jnp.float32)

@@ -1,11 +1,14 @@
 """The MAE's pieces against numpy re-implementations and hand-computed values."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import pretrain as pretrain_configs
 from mae_jax.models import mae
 from mae_jax.models import vit
 
@@ -105,7 +108,7 @@ def test_sincos_2d_by_hand():
 
 
 def small_model(**kwargs):
-  defaults = dict(image_size=32, patch_size=8, num_channels=12, width=32, depth=2, num_heads=2,
+  defaults = dict(image_size=32, patch_size=8, num_channels=12, width=32, depth=2, heads=2,
                   mlp_dim=64, decoder_width=16, decoder_depth=1, decoder_heads=2,
                   decoder_mlp_dim=32)
   defaults.update(kwargs)
@@ -256,3 +259,14 @@ def test_normalising_in_patch_layout_equals_normalising_images():
   expected = np.where(np.isnan(images), 0, (images.astype(np.float32) - mean) / std)
   np.testing.assert_allclose(patches, np_patchify(expected, 8), rtol=1e-6)
   np.testing.assert_array_equal(valid, np_patchify(~np.isnan(images), 8))
+
+
+@pytest.mark.parametrize('preset', pretrain_configs.PRESETS)
+def test_the_config_sets_every_model_field_by_the_fields_own_name(preset):
+  config = pretrain_configs.preset_config(preset).model
+  every_field = {f.name for f in dataclasses.fields(mae.MaskedAutoencoder)} - {'parent', 'name'}
+  assert set(mae.config_fields(config)) == every_field  # No field left to a code default.
+  model = mae.model_from_config(config)
+  assert (model.width, model.heads, model.decoder_depth, model.decoder_mlp_dim) == (
+      config.encoder.width, config.encoder.heads, config.decoder.depth, config.decoder.mlp_dim)
+  assert model.dtype == jnp.dtype(config.dtype)

@@ -12,7 +12,7 @@ from mae_jax.models import mae
 
 
 def test_mae_recipe_lr_scales_with_batch_then_warms_up_and_decays():
-  config = pretrain.get_config('mae_b').optim
+  config = pretrain.preset_config('mae_b').optim
   config.warmup_steps = 10
   schedule = optim.learning_rate_schedule(config, global_batch=512, total_steps=110)
   peak = 1.5e-4 * 512 / 256
@@ -25,7 +25,7 @@ def test_mae_recipe_lr_scales_with_batch_then_warms_up_and_decays():
 
 
 def test_poster_recipe_is_constant():
-  config = pretrain.get_config('poster').optim
+  config = pretrain.preset_config('poster').optim
   schedule = optim.learning_rate_schedule(config, global_batch=4096, total_steps=1000)
   assert [float(schedule(s)) for s in (0, 500, 999)] == pytest.approx([1.5e-4] * 3)
   assert (config.b1, config.b2, config.weight_decay) == (0.9, 0.999, 0.01)
@@ -53,7 +53,7 @@ def test_flops_by_hand_for_the_design_figures():
 
 def test_flop_count_agrees_with_xla_cost_analysis():
   model = mae.MaskedAutoencoder(image_size=64, patch_size=16, num_channels=12, width=64, depth=2,
-                                num_heads=4, mlp_dim=256, decoder_width=32, decoder_depth=2,
+                                heads=4, mlp_dim=256, decoder_width=32, decoder_depth=2,
                                 decoder_heads=4, decoder_mlp_dim=128)
   x = jnp.zeros((1, 64, 64, 12))
   valid = jnp.ones_like(x, bool)

@@ -50,7 +50,7 @@ ZERO_PIXEL, FLOOR_PIXEL = (14, 14), (16, 16)
 
 def finetune_config(data_dir, task):
   from tests.conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
-  config = downstream_configs.get_config(task, 'finetune', 'tiny')
+  config = downstream_configs.build(task, 'finetune', 'tiny')
   config.model = ml_collections.ConfigDict(make_tiny_config(data_dir).model.to_dict())
   config.model.drop_path_rate = 0.0
   config.dataset.data_dir = data_dir
@@ -380,7 +380,7 @@ def run_cli(args):
 
 def test_cli_and_peak_memory_does_not_grow_with_the_scene(tmp_path):
   # A 128 px model with random weights (few windows per scene), saved as a fine-tuning checkpoint.
-  config = downstream_configs.get_config('worldcover', 'finetune', 'tiny')
+  config = downstream_configs.build('worldcover', 'finetune', 'tiny')
   config.model.encoder.update(dict(width=32, depth=1, heads=2, mlp_dim=64))
   config.head.options = {'channels': 8}
   contract = schema.InputContract(tile_size=128, mean=(6.0,) * 4 + (-11.0,) * 4 + (-17.0,) * 4,

@@ -9,7 +9,7 @@ TILE_SIZE = 32
 
 def make_tiny_config(data_dir):
   import configs.pretrain as pretrain  # pylint: disable=g-import-not-at-top
-  config = pretrain.get_config('tiny')
+  config = pretrain.preset_config('tiny')
   config.dataset.data_dir = data_dir
   config.dataset.shuffle_buffer = 16
   config.model.image_size = TILE_SIZE

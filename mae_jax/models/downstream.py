@@ -57,7 +57,7 @@ def model_from_config(config, train: bool = False) -> DownstreamModel:
       **mae.module_fields(mae.model_from_config(m)), task=config.task_name, head_kind=config.head.kind,
       head_options=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
                                 for k, v in config.head.options.to_dict().items())),
-      freeze_encoder=config.freeze_encoder, drop_path_rate=m.get('drop_path_rate', 0.0),
+      freeze_encoder=config.freeze_encoder, drop_path_rate=m.drop_path_rate,
       train=train)
 
 

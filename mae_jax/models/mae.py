@@ -140,7 +140,7 @@ class MaskedAutoencoder(nn.Module):
   num_channels: int = 12
   width: int = 768
   depth: int = 12
-  num_heads: int = 12
+  heads: int = 12
   mlp_dim: int = 3072
   decoder_width: int = 512
   decoder_depth: int = 8
@@ -203,7 +203,7 @@ class MaskedAutoencoder(nn.Module):
                                 bias_init=vit.partitioned(nn.initializers.zeros, ('embed',)))
     self.cls_token = self.param('cls_token', token_init, (1, 1, self.width), jnp.float32)
     self.encoder_pos = self._position_embedding('pos_embedding', self.width)
-    self.encoder = self._transformer(self.depth, self.num_heads, self.mlp_dim, 'encoder',
+    self.encoder = self._transformer(self.depth, self.heads, self.mlp_dim, 'encoder',
                                      **transformer_kwargs)
     self.encoder_norm = vit.layer_norm(self.layer_norm_eps, self.dtype)
 
@@ -285,34 +285,31 @@ def module_fields(model: MaskedAutoencoder) -> dict[str, Any]:
           if f.name not in ('parent', 'name')}
 
 
+def config_fields(model_config, module: type[nn.Module] = None) -> dict[str, Any]:
+  """The fields of ``module`` (default :class:`MaskedAutoencoder`) that ``config.model`` sets.
+
+  One naming rule, no hand-written map: a key of ``config.model`` is the field of the same name,
+  ``encoder.<key>`` is ``<key>`` and ``decoder.<key>`` is ``decoder_<key>``. Keys that are no
+  field of ``module`` (a fine-tuning config's ``drop_path_rate`` for the plain MAE) are left out.
+  """
+  names = {f.name for f in dataclasses.fields(module or MaskedAutoencoder)} - {'parent', 'name'}
+  values = dict(model_config.encoder)
+  values.update((f'decoder_{key}', value) for key, value in model_config.decoder.items())
+  values.update((key, value) for key, value in model_config.items()
+                if key not in ('encoder', 'decoder'))
+  return {key: value for key, value in values.items() if key in names}
+
+
 def model_from_config(model_config, dtype_override: Any = None,
                       attention_override: str | None = None) -> MaskedAutoencoder:
-  """Builds the module from the ``config.model`` section.
+  """Builds the module from the ``config.model`` section (see :func:`config_fields`).
 
   Tools that rebuild a saved model on this machine pass ``attention_override='auto'``: the
   attention implementation is a choice of the machine (cuDNN on the GPU a run trained on),
   not part of the model.
   """
-  dtype = jnp.dtype(dtype_override or model_config.dtype)
-  return MaskedAutoencoder(
-      image_size=model_config.image_size,
-      patch_size=model_config.patch_size,
-      num_channels=model_config.num_channels,
-      width=model_config.encoder.width,
-      depth=model_config.encoder.depth,
-      num_heads=model_config.encoder.heads,
-      mlp_dim=model_config.encoder.mlp_dim,
-      decoder_width=model_config.decoder.width,
-      decoder_depth=model_config.decoder.depth,
-      decoder_heads=model_config.decoder.heads,
-      decoder_mlp_dim=model_config.decoder.mlp_dim,
-      pos_embedding=model_config.pos_embedding,
-      mask_ratio=model_config.mask_ratio,
-      norm_pix_loss=model_config.norm_pix_loss,
-      layer_norm_eps=model_config.layer_norm_eps,
-      dtype=dtype,
-      remat_policy=model_config.remat_policy,
-      scan_layers=model_config.scan_layers,
-      attention_implementation=(attention_override
-                                or model_config.get('attention_implementation', 'auto')),
-  )
+  fields = config_fields(model_config)
+  fields['dtype'] = jnp.dtype(dtype_override or model_config.dtype)
+  if attention_override:
+    fields['attention_implementation'] = attention_override
+  return MaskedAutoencoder(**fields)

@@ -243,7 +243,7 @@ def embed_split(checkpoint: str, data_dir: str, split: str = 'test', *,
   validate.check_data(model, data_dir, dataset.num_channels, dataset.tile_size)
   mean, std = np.asarray(contract.mean, np.float32), np.asarray(contract.std, np.float32)
 
-  mesh = sharding.create_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+  mesh = sharding.create_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0)))
   rules = sharding.rules_from_config(metadata.get('config', {}).get('logical_rules', ()))
   devices = sharding.data_parallel_size(mesh)
   batch = -(-batch_size // devices) * devices

@@ -237,7 +237,7 @@ def setup_state(config, model, tx, mesh, rules, checkpointer, contract, data_lay
   if latest is None:
     state = create_state(model, tx, jax.random.key(config.seed), state_sharding, cache)
     params = None
-    if config.init_checkpoint and config.get('init_from'):
+    if config.init_checkpoint and config.init_from:
       raise ValueError('set config.init_checkpoint (a mae_jax pretraining checkpoint) or '
                        'config.init_from (weights published in PyTorch), not both')
     if config.init_checkpoint:
@@ -246,7 +246,7 @@ def setup_state(config, model, tx, mesh, rules, checkpointer, contract, data_lay
       contract = schema.InputContract.from_dict(init_metadata['input_contract'])
       params = {**state['params'], **encoder}
       loop.report(f'Restored the encoder from {init_from}; head and optimiser are new.')
-    elif config.get('init_from'):
+    elif config.init_from:
       imported = pretrained.import_weights(config.init_from, model, config.init_from_channels,
                                            part='encoder')
       params = pretrained.place(state['params'], imported, state_sharding['params'])
@@ -407,7 +407,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
            f'validation every {interval} steps; mesh {dict(mesh.shape)}.')
     # stop_at_step ends this process early (with a checkpoint); the schedule still follows
     # total_steps and a later run on the workdir resumes exactly.
-    stop_step = min(total_steps, config.get('stop_at_step', 0) or total_steps)
+    stop_step = min(total_steps, config.stop_at_step or total_steps)
     batches = train_data.batches(local_batch, seed=config.seed, start_step=start_step,
                                  num_steps=max(stop_step - start_step, 0),
                                  shuffle_buffer=config.dataset.shuffle_buffer, features=features)
@@ -464,4 +464,4 @@ def finetune_architecture(config) -> dict[str, Any]:
   return {**pretrain_lib.architecture(config.model), 'task_name': config.task_name,
           'head_kind': config.head.kind, 'head_options': config.head.options.to_dict(),
           'freeze_encoder': config.freeze_encoder,
-          'layer_decay': config.optim.get('layer_decay', 1.0)}
+          'layer_decay': config.optim.layer_decay}

@@ -108,7 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise validate.ConfigError('config.dataset.data_dir is empty: point it at a dataset written '
                                'by data_pipeline (e.g. python -m data_pipeline.build_synthetic)')
   records = None
-  if config.dataset.get('regions'):
+  if config.dataset.regions:
     index = data_input.read_split_index(config.dataset.data_dir, config.dataset.train_split,
                                         features=(schema.TILE_ID, schema.REGION))
     records = subsets.select_records(index, regions=tuple(config.dataset.regions))
@@ -141,7 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state = state_lib.create_state(model, tx, jax.random.key(config.seed), state_sharding)
       loop.report(f'Initialised a new model ({state_lib.count_params(state["params"]):,} '
                   'parameters).')
-      if config.get('init_from'):
+      if config.init_from:
         imported = pretrained.import_weights(config.init_from, model, config.init_from_channels)
         state = {**state, 'params': pretrained.place(state['params'], imported,
                                                      state_sharding['params'])}

@@ -47,7 +47,7 @@ def pretrain_if_needed(study, workdir: str) -> str:
     return study.pretrain_checkpoint
   from configs import pretrain as pretrain_configs  # pylint: disable=g-import-not-at-top
   from mae_jax.trainers import pretrain  # pylint: disable=g-import-not-at-top
-  config = pretrain_configs.get_config(study.pretrain_preset)
+  config = pretrain_configs.preset_config(study.pretrain_preset)
   config.dataset.data_dir = study.data_dir
   config.dataset.regions = tuple(study.pretrain_regions)
   if study.pretrain_steps:
@@ -69,7 +69,7 @@ def stop_study() -> None:
 def finetune_config(study, task: str, init: str, fraction: float, lr: float, seed: int,
                     checkpoint: str):
   from configs import downstream  # pylint: disable=g-import-not-at-top
-  config = downstream.get_config(task, 'finetune', study.finetune_preset)
+  config = downstream.build(task, 'finetune', study.finetune_preset, study.finetune_protocol)
   config.update(study.finetune_overrides.to_dict())
   config.dataset.data_dir = study.data_dir
   config.seed = seed

@@ -1,0 +1,339 @@
+r"""A scene's input GeoTIFFs for whole-scene prediction: opened, checked, read in windows.
+
+Inputs: one or more GeoTIFFs on one pixel grid (same CRS, transform and size) whose bands,
+concatenated in the order given, are the model's 12 channels in ``schema.BAND_NAMES`` order:
+e.g. one 12-band file or three 4-band files (VV-VH, VV, VH, each winter..fall). When every band
+has a description and they name the channels (any case or separators), the bands are put in
+order by name instead. Values are sigma0 in dB (linear power is detected from the VV and VH
+bands, or stated with ``--units``, and converted; VV-VH then is the ratio). No-data as the
+GeoTIFF ingestion has it: the files' nodata values and masks, NaN and infinities, and in VV and
+VH exact 0 and values below the noise floor. Each window is then clipped and quantised as the
+dataset tiles were (``InputContract.clip_range``, float16), so a window seen here equals the
+same pixels seen as a dataset tile.
+
+Windows are read by a few threads ahead of the model; GDAL's block cache is sized from the
+inputs' block layout and the window, not from the scene (``read_cache_bytes``;
+``GDAL_CACHEMAX`` in the environment overrides it).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import itertools
+import math
+import os
+import re
+import threading
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import rasterio
+import rasterio.errors
+import rasterio.windows
+
+from data_pipeline.ingest import composite
+from data_pipeline import schema
+from mae_jax.tools import scene_windows
+
+# GDAL's block cache (decoded input blocks, output blocks waiting to be written) is set from the
+# inputs' block layout, never from the scene's size (read_cache_bytes), within these bounds, in
+# bytes (rasterio hands an integer to GDAL as bytes). Too small a cache thrashes: a window whose
+# blocks do not all fit decodes a tile again for every band.
+MIN_GDAL_CACHE = 32 << 20
+MAX_GDAL_CACHE = 2 << 30
+# Cache for opening the inputs (the patches that decide the units).
+OPEN_GDAL_CACHE = 64 << 20
+# Threads reading windows (GDAL decodes with the GIL released); each has its own file handles.
+READ_WORKERS = max(1, min(4, os.cpu_count() or 1))
+# Windows read per task of a reading thread.
+READ_CHUNK = 4
+# The units are decided on UNITS_PATCHES x UNITS_PATCHES patches of UNITS_PATCH px spread over
+# the scene.
+UNITS_PATCHES = 5
+UNITS_PATCH = 64
+UNITS = ('auto', 'dB', 'linear')
+# Relative tolerance (in pixel sizes) when comparing geotransforms: float text in headers.
+TRANSFORM_TOLERANCE = 1e-6
+
+
+
+def _band_key(description: str) -> str:
+  """'VV Winter' / 'vv-winter' / 'vv_winter' -> 'vv_winter'."""
+  return re.sub(r'[^a-z0-9]+', '_', description.strip().lower()).strip('_')
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+  """The input files of one scene and how their bands map onto the model's channels."""
+  paths: tuple[str, ...]
+  height: int
+  width: int
+  crs: Any
+  transform: Any
+  band_names: tuple[str, ...]
+  # Per model channel: (file index, 1-based band of that file).
+  sources: tuple[tuple[int, int], ...]
+  # Per file, per band (1-based band b at [b - 1]): the declared nodata value or None.
+  nodata: tuple[tuple[float | None, ...], ...]
+  units: str  # 'dB' or 'linear' (decided)
+  # Per file: GDAL's block (rows, cols) and the bytes of one pixel over all its bands.
+  block_shapes: tuple[tuple[int, int], ...] = ()
+  bytes_per_pixel: tuple[int, ...] = ()
+
+  @property
+  def striped(self) -> list[str]:
+    """The files stored in strips (blocks of whole rows) rather than tiles."""
+    return [p for p, (rows, cols) in zip(self.paths, self.block_shapes)
+            if cols >= self.width and rows < self.height]
+
+
+def _grid_differences(a, b) -> list[str]:
+  out = []
+  if a.crs != b.crs:
+    out.append(f'CRS {a.crs} != {b.crs}')
+  if (a.width, a.height) != (b.width, b.height):
+    out.append(f'size {a.width} x {a.height} px != {b.width} x {b.height} px')
+  pixel = max(abs(a.transform.a), abs(a.transform.e), 1e-12)
+  if not a.transform.almost_equals(b.transform, precision=TRANSFORM_TOLERANCE * pixel):
+    out.append(f'transform {tuple(a.transform)[:6]} != {tuple(b.transform)[:6]}')
+  return out
+
+
+def _channel_sources(paths: Sequence[str], descriptions: Sequence[Sequence[str | None]],
+                     band_names: Sequence[str]) -> tuple[tuple[int, int], ...]:
+  """(file, band) per channel: by band descriptions when they name every channel, else in the
+  order given."""
+  flat = [(f, b, d) for f, per_file in enumerate(descriptions)
+          for b, d in enumerate(per_file, start=1)]
+  named = [(f, b, d) for f, b, d in flat if d]
+  if not named:
+    return tuple((f, b) for f, b, _ in flat)
+  keys = {_band_key(d): (f, b) for f, b, d in named}
+  wanted = [_band_key(n) for n in band_names]
+  if len(named) == len(flat) and len(keys) == len(flat) and set(keys) == set(wanted):
+    return tuple(keys[k] for k in wanted)
+  listing = ', '.join(f'{paths[f]} band {b}: {d!r}' for f, b, d in flat)
+  raise ValueError(f'band descriptions ({listing}) do not name the model\'s channels '
+                   f'{tuple(band_names)} once each; fix them, or remove every description to '
+                   'take the bands in the order given')
+
+
+def _is_backscatter(band_name: str) -> bool:
+  """VV or VH (not the VV-VH ratio, which may be 0 or very negative)."""
+  return not band_name.startswith('vv_minus_vh')
+
+
+def _read_masked(dataset, indexes: Sequence[int], nodata: Sequence[float | None],
+                 backscatter: Sequence[bool], units: str, **read_kwargs) -> np.ndarray:
+  """Bands ``indexes`` as float32 dB (bands, rows, cols), no-data NaN.
+
+  No-data as the GeoTIFF ingestion (``data_pipeline.ingest.sources.geotiff``, default settings) has
+  it, so that a window equals a dataset tile made from the same file: the file's mask and
+  nodata value, NaN and infinities, and in VV and VH bands exact 0 (Earth Engine's fill) and
+  values below the noise floor (``composite.DEFAULT_NOISE_FLOOR_DB``, after conversion to dB).
+  """
+  data = dataset.read(list(indexes), masked=True, **read_kwargs)
+  values = np.ma.filled(data.astype(np.float32), np.nan)
+  for i, band in enumerate(indexes):
+    declared = nodata[band - 1]
+    fills = (() if declared is None else (declared,)) + (
+        composite.DEFAULT_NODATA_VALUES if backscatter[i] else ())
+    # Fill values are stored values: compare before any conversion.
+    values[i] = composite.mask_nodata(values[i], nodata_values=fills, noise_floor_db=None)
+    if units == 'linear':
+      values[i] = composite.linear_to_db(values[i])
+    if backscatter[i]:
+      values[i] = composite.mask_nodata(values[i], nodata_values=(),
+                                        noise_floor_db=composite.DEFAULT_NOISE_FLOOR_DB)
+  return values
+
+
+def _detect_units(scene: Scene, datasets) -> str:
+  """'dB' or 'linear' (composite.detect_units) from the VV and VH channels (VV-VH is positive
+  in dB and would confuse the rule) of a grid of small full-resolution patches. Not a
+  decimated read: that goes band by band over the whole scene, and when the decoded tiles do
+  not fit GDAL's cache it decodes every tile again for every band."""
+  side = min(UNITS_PATCH, scene.height, scene.width)
+  rows = np.linspace(0, scene.height - side, UNITS_PATCHES).astype(int)
+  cols = np.linspace(0, scene.width - side, UNITS_PATCHES).astype(int)
+  samples = []
+  for f, dataset in enumerate(datasets):
+    bands = [b for (g, b), name in zip(scene.sources, scene.band_names)
+             if g == f and _is_backscatter(name)]
+    if not bands:
+      continue
+    for row in sorted(set(rows)):
+      for col in sorted(set(cols)):
+        window = rasterio.windows.Window(int(col), int(row), side, side)
+        samples.append(_read_masked(dataset, bands, scene.nodata[f], [True] * len(bands), 'dB',
+                                    window=window).ravel())
+  values = np.concatenate(samples) if samples else np.zeros(0, np.float32)
+  try:
+    return composite.detect_units(values, name=' + '.join(scene.paths))
+  except ValueError as e:
+    raise ValueError(f'{e} (here: --units dB or --units linear)') from e
+
+
+def open_scene(paths: Sequence[str], band_names: Sequence[str] = schema.BAND_NAMES,
+               units: str = 'auto') -> Scene:
+  """Checks the input files (exist, one grid, band count and names) and decides the units.
+
+  Raises:
+    FileNotFoundError: An input does not exist.
+    ValueError: Different grids (naming both files and what differs), a wrong total band
+      count (naming every file's count), band descriptions that do not name the channels, or
+      units that cannot be told.
+  """
+  if not paths:
+    raise ValueError('no input files given')
+  if units not in UNITS:
+    raise ValueError(f'units {units!r} is not one of {UNITS}')
+  paths = tuple(os.fspath(p) for p in paths)
+  for path in paths:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'input {path!r} does not exist')
+  with contextlib.ExitStack() as stack:
+    datasets = [stack.enter_context(rasterio.open(p)) for p in paths]
+    first = datasets[0]
+    for path, dataset in zip(paths[1:], datasets[1:]):
+      differences = _grid_differences(first, dataset)
+      if differences:
+        raise ValueError(f'{paths[0]} and {path} are not on one grid: '
+                         + '; '.join(differences) + '; put every input on one grid first')
+    counts = [d.count for d in datasets]
+    if sum(counts) != len(band_names):
+      listing = ', '.join(f'{p}: {n}' for p, n in zip(paths, counts))
+      raise ValueError(f'the inputs have {sum(counts)} bands in all ({listing}) but the model '
+                       f'takes {len(band_names)} channels {tuple(band_names)}: give one '
+                       f'{len(band_names)}-band file or several whose bands add up to that, '
+                       'in that order')
+    sources = _channel_sources(paths, [d.descriptions for d in datasets], band_names)
+    nodata = tuple(tuple(None if v is None else float(v) for v in d.nodatavals)
+                   for d in datasets)
+    scene = Scene(paths=paths, height=first.height, width=first.width, crs=first.crs,
+                  transform=first.transform, band_names=tuple(band_names), sources=sources,
+                  nodata=nodata, units=units,
+                  block_shapes=tuple(tuple(d.block_shapes[0]) for d in datasets),
+                  bytes_per_pixel=tuple(sum(np.dtype(t).itemsize for t in d.dtypes)
+                                        for d in datasets))
+    if units == 'auto':
+      scene = dataclasses.replace(scene, units=_detect_units(scene, datasets))
+  return scene
+
+
+class SceneReader:
+  """Reads windows of a :class:`Scene` as model input; one per thread (file handles are not
+  thread-safe)."""
+
+  def __init__(self, scene: Scene, clip_range: tuple[float, float],
+               storage_dtype: str = schema.STORAGE_DTYPE):
+    self.scene = scene
+    self.clip_range = clip_range
+    self.storage_dtype = storage_dtype
+    self._datasets = []
+    try:
+      for path in scene.paths:
+        self._datasets.append(rasterio.open(path))
+    except BaseException:
+      self.close()
+      raise
+    # Per file: its bands to read, the channel each goes to and whether it is VV or VH.
+    self._plan = []
+    for f in range(len(scene.paths)):
+      channels = [c for c, (g, _) in enumerate(scene.sources) if g == f]
+      self._plan.append(([scene.sources[c][1] for c in channels], channels,
+                         [_is_backscatter(scene.band_names[c]) for c in channels]))
+
+  def read(self, row: int, col: int, size: int) -> np.ndarray:
+    """The (size, size, channels) window at (row, col), quantised like the dataset tiles
+    (clipped, float16, NaN = no-data); outside the scene is no-data."""
+    scene = self.scene
+    out = np.full((len(scene.sources), size, size), np.nan, np.float32)
+    window = rasterio.windows.Window(col, row, size, size)
+    try:
+      inside = window.intersection(rasterio.windows.Window(0, 0, scene.width, scene.height))
+    except rasterio.errors.WindowError:
+      inside = None
+    if inside is not None:
+      # Read the part inside the raster and pad the rest ourselves: a plain windowed read
+      # clips silently at the edge, and a boundless one goes through a VRT per call.
+      r0, c0 = int(inside.row_off) - row, int(inside.col_off) - col
+      r1, c1 = r0 + int(inside.height), c0 + int(inside.width)
+      for f, (bands, channels, backscatter) in enumerate(self._plan):
+        out[channels, r0:r1, c0:c1] = _read_masked(self._datasets[f], bands, scene.nodata[f],
+                                                   backscatter, scene.units, window=inside)
+    low, high = self.clip_range
+    # As data_pipeline.writer.quantise_image: clip, then the storage dtype.
+    return np.clip(out.transpose(1, 2, 0), low, high).astype(self.storage_dtype)
+
+  def close(self) -> None:
+    for dataset in self._datasets:
+      dataset.close()
+    self._datasets = []
+
+
+def read_windows(scene: Scene, windows: Iterable[scene_windows.Window], size: int,
+                  clip_range, storage_dtype) -> Iterator[tuple[scene_windows.Window, np.ndarray]]:
+  """(window, image) in grid order, read ahead by READ_WORKERS threads (a bounded look-ahead,
+  so memory stays a few chunks whatever the scene)."""
+  local = threading.local()
+  readers, lock = [], threading.Lock()
+
+  def read_chunk(chunk):
+    reader = getattr(local, 'reader', None)
+    if reader is None:
+      reader = local.reader = SceneReader(scene, clip_range, storage_dtype)
+      with lock:
+        readers.append(reader)
+    return [(w, reader.read(w.row, w.col, size)) for w in chunk]
+
+  windows = iter(windows)
+  chunks = iter(lambda: list(itertools.islice(windows, READ_CHUNK)), [])
+  pool = thread_pool('read', READ_WORKERS)
+  pending = collections.deque()
+  try:
+    for chunk in chunks:
+      pending.append(pool.submit(read_chunk, chunk))
+      if len(pending) > 2 * READ_WORKERS:
+        yield from pending.popleft().result()
+    while pending:
+      yield from pending.popleft().result()
+  finally:
+    for future in pending:
+      future.cancel()
+    concurrent.futures.wait(pending)  # Then no thread uses a reader any more.
+    for reader in readers:
+      reader.close()
+
+
+_POOLS: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+
+
+def thread_pool(name: str, workers: int) -> concurrent.futures.ThreadPoolExecutor:
+  """Threads shared by every scene of the process: new threads for every scene would each get
+  a fresh malloc arena, and a process predicting many scenes would grow by tens of MB each."""
+  if name not in _POOLS:
+    _POOLS[name] = concurrent.futures.ThreadPoolExecutor(workers,
+                                                         thread_name_prefix=f'predict-{name}')
+  return _POOLS[name]
+
+
+def read_cache_bytes(scene: Scene, size: int) -> int:
+  """GDAL cache for reading ``size``-px windows: every block a window touches, in every file
+  and band, for each reading thread, twice (so the next window along the row finds the blocks
+  it shares with this one). Depends on the block layout and the window, not on the scene size,
+  except for striped (untiled) files, whose blocks are whole rows; capped at MAX_GDAL_CACHE."""
+  need = 0
+  for (rows, cols), bytes_per_pixel in zip(scene.block_shapes, scene.bytes_per_pixel):
+    blocks = (math.ceil(size / rows) + 1) * (math.ceil(size / cols) + 1)
+    need += blocks * rows * cols * bytes_per_pixel
+  return int(min(max(2 * READ_WORKERS * need, MIN_GDAL_CACHE), MAX_GDAL_CACHE))
+
+
+def gdal_env(cache_bytes: int) -> rasterio.Env:
+  # An explicit GDAL_CACHEMAX in the environment wins (GDAL reads it itself, '64' meaning MB).
+  options = {} if 'GDAL_CACHEMAX' in os.environ else {'GDAL_CACHEMAX': int(cache_bytes)}
+  return rasterio.Env(**options)
