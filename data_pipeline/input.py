@@ -1,37 +1,26 @@
-"""Per-host input pipeline: TFDS split -> shuffled, batched numpy in a compact dtype.
+"""Per-host input pipeline: a split of a dataset folder -> shuffled, batched numpy arrays.
 
-Each process reads an even, disjoint share of the split (``tfds.even_splits`` over processes,
-remainder dropped so every host has the same number of batches per epoch). The stream is a
-deterministic function of (seed, epoch), and a run resumed at step ``s`` yields exactly the
-batches an uninterrupted run would have seen from step ``s`` on, without decoding the records
-before it.
+:class:`HostDataset` is this process's share of a split: an even, disjoint share
+(``tfds.even_splits`` over processes, remainder dropped, so every host has the same number of
+batches per epoch). :meth:`HostDataset.batches` streams it as a deterministic function of
+(seed, epoch): a run resumed at step ``s`` gets exactly the batches an uninterrupted run would
+have had from step ``s`` on, without decoding the records before it. Only the requested features
+are parsed, so records carrying features this module does not know (from a newer writer) read
+fine.
 
 Two readers give such a stream; ``HostDataset(reader=...)`` picks one, by default the first for
-local folders and the second for URLs (``gs://...``):
+local folders and the second for URLs (``gs://...``). They give different orders: resume a run
+with the same kind of path it started on. Their speeds are in bench/README.md.
 
-* ``'local'``: the fast path, for files on a local filesystem. It scans the record headers of
-  the share's TFRecord files once (a 12-byte read per record) and keeps each record's (file,
-  offset, length). An epoch is then a permutation of record *locations* drawn from (seed,
-  epoch): the whole epoch is shuffled (not a window) for no memory, and resuming costs no I/O.
-  Reader threads walk each record's ``tf.train.Example`` wire format with small reads, parse
-  only the requested features and ``pread`` raw tensor bytes (the float16 image) straight from
-  the file, i.e. from the page cache, into the batch array: one copy, the one a plain ``read``
-  of the file does too. Batch arrays the consumer has released are reused (see
-  :class:`_ArrayPool`), which spares the kernel faulting in and zeroing fresh pages. TFRecord
-  length headers are checked against their CRC; payload CRCs only with
-  ``verify_checksums=True``, the first time the dataset reads each record, through
-  TensorFlow's C++ record reader (CRC32C at GB/s is out of reach of Python): that first epoch
-  reads slower, later ones as fast as without (costs in bench/README.md).
-* ``'tf'``: ``tf.data``. Files in an order drawn from (seed, epoch), interleaved, raw serialised
-  records shuffled in a window of ``shuffle_buffer`` records, batched, then one vectorised
-  ``tf.io.parse_example`` per batch with a spec of only the requested features. It works on any
-  filesystem TensorFlow knows, with several copies per tile and CRC checks of every record, and
-  is several times slower than ``'local'`` (bench/README.md). Copy data to a local disk to
-  train fast.
-
-Both readers parse only the features asked for, so records carrying features this module does
-not know (added by a newer writer) read fine. The two readers give different orders: resume a
-run with the same kind of path it started on.
+* ``'local'``: files on a local filesystem, the fast path. It scans the record headers once
+  (``data_pipeline.tfrecord_index``) and shuffles record *locations*: whole epochs (not a
+  window) for no memory, and a resume costs no I/O. Reader threads parse each record straight
+  from the file into the batch arrays (``data_pipeline.example_codec``, ``array_pool``). It
+  checks header CRCs; payload CRCs only with ``verify_checksums=True``, the first time the
+  dataset reads each record (that first epoch reads slower, later ones do not).
+* ``'tf'``: ``tf.data`` (``data_pipeline.tf_reader``): any filesystem TensorFlow knows, the CRC
+  of every record checked, records shuffled in a window of ``shuffle_buffer``; slower than
+  ``'local'``. Copy data to a local disk to train fast.
 
 ``HostDataset(records=...)`` restricts reading to a selection of the split's records (a label
 fraction, some regions: see ``data_pipeline.subsets``), named by *global record index*: the
@@ -44,15 +33,13 @@ same number of fixed-shape batches on every host, with ``EXAMPLE_MASK`` marking 
 
 Bad data. Checked at construction: every file of the share exists (one folder listing). On
 reading, each error (BadRecordError, a ValueError) names the file, the record's index in it,
-its global record index and its byte offset: a header failing its CRC or a truncated file
-(local reader: found by the header scan, with the records lost), a record whose features are
-malformed or have another size than the metadata's (e.g. another band count), and with
-``verify_checksums`` (tf.data: always) a payload failing its CRC. The tf.data reader's
-TensorFlow errors name no file: the files are then read again one by one to find the record.
-Without ``verify_checksums`` the local reader does NOT see damage inside a raw tensor's bytes
-that leaves the protobuf structure intact. ``max_bad_records=N > 0`` (local reader) reads up
-to N bad records, each counted once, as missing values (NaN floats and images, 0 raw integers,
--1 integers, b'' texts) flagged in ``batch[BAD_RECORD]``: records of a missing file, or after
+its global record index and its byte offset: a header failing its CRC or a truncated file, a
+record whose features are malformed or have another size than the metadata's (e.g. another band
+count), and with ``verify_checksums`` (tf.data: always) a payload failing its CRC. Without
+``verify_checksums`` the local reader does NOT see damage inside a raw tensor's bytes that leaves
+the protobuf structure intact. ``max_bad_records=N > 0`` (local reader) reads up to N bad
+records, each counted once, as missing values (NaN floats and images, 0 raw integers, -1
+integers, b'' texts) flagged in ``batch[BAD_RECORD]``: records of a missing file, or after
 damage in a truncated one, included, so the epoch layout and every good record's place and
 content stay those of a clean read.
 
@@ -64,46 +51,40 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import dataclasses
 import math
 import os
-import re
-import struct
 import sys
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from absl import logging
 import jax
 import numpy as np
 
+from data_pipeline import array_pool
+from data_pipeline import example_codec
 from data_pipeline import schema
+from data_pipeline import tf_reader
+from data_pipeline import tfrecord_index
 from data_pipeline import writer
 
-_EPOCH_SEED_STRIDE = 1_000_003
 # Reader threads of the local reader. Their work is mostly preads, which release the GIL: from
 # the page cache a memory copy, from disk a wait, where more reads in flight keep the disk
 # busier; bench/README.md has the measurements behind the count.
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 _READ_THREADS = min(16, max(4, 2 * _CORES))
-# Bytes read at once while walking a record's protobuf structure: every feature but the big
-# tensors of a 448 px tile fits in the first read, the rest costs one more read per big tensor.
-_CHUNK = 1 << 16
 _READERS = ('auto', 'local', 'tf')
-# The tf.data reader keeps a selection's raw records in memory after its first epoch when they
-# are estimated to take at most this many bytes (see HostDataset._tf_cache_selection).
-_TF_CACHE_BYTES = 4 << 30
 
 # Key of the boolean array eval_batches adds to every batch: True for real examples, False for
 # the padding that fills the last batches.
 EXAMPLE_MASK = 'example_mask'
 # Key of the boolean array every batch gets when HostDataset(max_bad_records=N > 0): True where
-# a bad record's slot was filled with missing values (see _fill_missing).
+# a bad record's slot was filled with missing values (see example_codec.fill_missing).
 BAD_RECORD = 'bad_record'
 
-
-class BadRecordError(ValueError):
-  """A record that cannot be read as the dataset metadata describes it; names file and record."""
+# A record that cannot be read as the dataset metadata describes it (defined with the TFRecord
+# framing, which raises it too); catch it from here.
+BadRecordError = tfrecord_index.BadRecordError
 
 
 def configure_tensorflow() -> None:
@@ -112,456 +93,15 @@ def configure_tensorflow() -> None:
   tf.config.set_visible_devices([], 'GPU')
 
 
-# --- Features ----------------------------------------------------------------------------------
-
-# How a feature is stored in a tf.train.Example and returned, from its TFDS FeatureConnector.
-_RAW = 'raw'  # One bytes value holding a tensor's raw little-endian bytes (Encoding.BYTES).
-_TEXT = 'text'  # One bytes value, returned as a bytes object (tfds.features.Text).
-_FLOAT = 'float'  # A float_list of the tensor's values.
-_INT = 'int'  # An int64_list of the tensor's values.
-_LIST_FIELD = {_RAW: 1, _TEXT: 1, _FLOAT: 2, _INT: 3}  # tf.train.Feature's oneof field numbers.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Codec:
-  """Where one requested feature lives in a record and what array it becomes."""
-  name: str
-  kind: str
-  shape: tuple[int, ...]
-  dtype: np.dtype
-
-  @property
-  def size(self) -> int:
-    return math.prod(self.shape)
-
-  @property
-  def nbytes(self) -> int:
-    return self.size * self.dtype.itemsize
-
-
-def _codec(name: str, feature) -> _Codec:
-  """The codec of a TFDS feature; only flat, statically shaped features are supported."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  if isinstance(feature, tfds.features.ClassLabel):
-    return _Codec(name, _INT, (), np.dtype(np.int64))
-  if isinstance(feature, tfds.features.Text):
-    return _Codec(name, _TEXT, (), np.dtype(object))
-  if isinstance(feature, tfds.features.Tensor):
-    shape, dtype = tuple(feature.shape), np.dtype(feature.np_dtype)
-    encoding = getattr(feature, '_encoding', tfds.features.Encoding.NONE)
-    if all(isinstance(d, int) for d in shape):
-      if encoding == tfds.features.Encoding.BYTES and dtype != object:
-        return _Codec(name, _RAW, shape, dtype)
-      if encoding == tfds.features.Encoding.NONE:
-        if dtype == object and shape == ():
-          return _Codec(name, _TEXT, (), dtype)
-        if np.issubdtype(dtype, np.floating):
-          return _Codec(name, _FLOAT, shape, dtype)
-        if (np.issubdtype(dtype, np.integer) or dtype == np.bool_) and dtype != np.uint64:
-          return _Codec(name, _INT, shape, dtype)
-  raise NotImplementedError(f'feature {name!r} ({feature!r}) cannot be read by '
-                            'data_pipeline.input: only flat, statically shaped Tensor '
-                            '(no or bytes encoding), ClassLabel and Text features are')
-
-
-def _refcount_in_list(arrays: list[np.ndarray], index: int) -> int:
-  return sys.getrefcount(arrays[index])
-
-
-# What _refcount_in_list gives for an array that only its list holds (interpreter-dependent).
-_ONLY_THE_LIST = _refcount_in_list([np.empty(0)], 0)
-
-
-class _ArrayPool:
-  """Big batch arrays, handed out again once nothing outside the pool holds them.
-
-  Writing into fresh memory costs the kernel a page fault and a zeroed page per page touched;
-  for 448 px batches that was a third of the local reader's time. An array is reused only when
-  the pool holds its sole reference: a numpy view, a memoryview or a jax array sharing its
-  memory holds one, so a batch the consumer (or a device transfer) still uses is never
-  overwritten, it just makes the pool allocate a new array. One pool per iterator, used from
-  the iterator's thread only.
-  """
-
-  def __init__(self, capacity: int):
-    self._capacity = capacity
-    self._arrays: dict[tuple[Any, ...], list[np.ndarray]] = {}
-
-  def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    arrays = self._arrays.setdefault((shape, dtype.str), [])
-    for i in range(len(arrays)):
-      if _refcount_in_list(arrays, i) == _ONLY_THE_LIST:
-        return arrays[i]
-    array = np.empty(shape, dtype)
-    if len(arrays) >= self._capacity:
-      arrays.pop(0)  # Held elsewhere for long (e.g. kept as a preview): let it go.
-    arrays.append(array)
-    return array
-
-
-# Arrays smaller than this come from malloc's free lists anyway: no need to pool them.
-_POOL_MIN_BYTES = 1 << 20
-
-
-def _empty_batch(codecs: Sequence[_Codec], batch: int,
-                 pool: _ArrayPool | None = None) -> dict[str, np.ndarray]:
-  out = {}
-  for c in codecs:
-    shape = (batch,) + c.shape
-    if pool is not None and c.kind == _RAW and batch * c.nbytes >= _POOL_MIN_BYTES:
-      out[c.name] = pool.empty(shape, c.dtype)
-    else:
-      out[c.name] = np.empty(shape, c.dtype)
-  return out
-
-
-# --- Local reader: TFRecord framing and tf.train.Example wire format ---------------------------
-
-
-def _crc32c_table() -> tuple[int, ...]:
-  table = []
-  for i in range(256):
-    crc = i
-    for _ in range(8):
-      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    table.append(crc)
-  return tuple(table)
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
-def masked_crc32c(data: bytes) -> int:
-  """TFRecord's masked CRC32C; pure Python, so only for the 8-byte length headers."""
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  crc ^= 0xFFFFFFFF
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _scan(path: str) -> tuple[np.ndarray, tuple[int, int, str] | None]:
-  """(offset, length) of each record's data up to the first damage, and that damage.
-
-  The damage is None or (index of the first record that cannot be read, its byte offset,
-  what is wrong): a length header that fails its CRC (nothing after it can be framed) or a
-  file that ends inside a record.
-  """
-  size = os.path.getsize(path)
-  records = []
-  damage = None
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    pos = 0
-    while pos < size:
-      header = os.pread(fd, 12, pos)
-      if len(header) < 12:
-        damage = (len(records), pos, f'truncated TFRecord file: it ends {size - pos} bytes into '
-                  f'the 12-byte header at byte {pos}')
-        break
-      length, crc = struct.unpack('<QI', header)
-      if masked_crc32c(header[:8]) != crc:
-        damage = (len(records), pos, f'corrupt TFRecord header at byte {pos} (bad length CRC)')
-        break
-      end = pos + 12 + length + 4
-      if end > size:
-        damage = (len(records), pos, f'truncated TFRecord file: the record at byte {pos} ends at '
-                  f'byte {end}, the file has {size}')
-        break
-      records.append((pos + 12, length))
-      pos = end
-  finally:
-    os.close(fd)
-  return np.asarray(records, np.int64).reshape(-1, 2), damage
-
-
-def _lost_records(index: int, expected: int | None) -> str:
-  if expected is None:
-    return ''
-  text = f'; the dataset metadata says the file holds {expected} records'
-  return text + (f', so records {index}..{expected - 1} cannot be read' if index < expected else '')
-
-
-def scan_tfrecord(path: str, expected: int | None = None) -> np.ndarray:
-  """(offset, length) of every record's data in a local TFRecord file, as an (n, 2) int64 array.
-
-  Reads only the 12-byte headers and checks each length against its CRC, so a file that is not
-  a TFRecord file, or is truncated, fails here (BadRecordError, a ValueError) with the index
-  and byte offset of the first record it cannot frame; ``expected``, the number of records the
-  dataset metadata gives the file, adds which records are lost.
-  """
-  records, damage = _scan(path)
-  if damage is not None:
-    index, pos, what = damage
-    raise BadRecordError(f'{path}: record {index} (byte {pos}): {what}'
-                         f'{_lost_records(index, expected)}')
-  return records
-
-
-class _Record:
-  """One serialised tf.train.Example inside an open file, read on demand in small chunks."""
-
-  __slots__ = ('fd', 'start', 'length', 'where', '_chunk', '_chunk_pos')
-
-  def __init__(self, fd: int | None, start: int, length: int, where: str,
-               data: bytes | None = None):
-    """``where`` starts every error message; ``data``, if given, is the whole record in memory
-    (then ``fd`` is not read)."""
-    self.fd, self.start, self.length, self.where = fd, start, length, where
-    self._chunk, self._chunk_pos = (b'', 0) if data is None else (data, 0)
-
-  def corrupt(self, what: str) -> BadRecordError:
-    return BadRecordError(f'{self.where}: {what}')
-
-  def _span(self, pos: int, n: int) -> int:
-    """Makes bytes [pos, pos + n) of the record available in the chunk; returns their index."""
-    if pos < 0 or n < 0 or pos + n > self.length:
-      raise self.corrupt(f'malformed tf.train.Example: bytes {pos}..{pos + n} past its end '
-                         f'({self.length} bytes)')
-    i = pos - self._chunk_pos
-    if i < 0 or i + n > len(self._chunk):
-      self._chunk = os.pread(self.fd, min(max(n, _CHUNK), self.length - pos), self.start + pos)
-      self._chunk_pos, i = pos, 0
-      if len(self._chunk) < n:
-        raise self.corrupt('the file ends inside the record')
-    return i
-
-  def read(self, pos: int, n: int) -> bytes:
-    i = self._span(pos, n)
-    return self._chunk[i:i + n]
-
-  def readinto(self, pos: int, out: memoryview) -> None:
-    """Copies bytes at ``pos`` into ``out``; big spans go file -> ``out`` in one pread."""
-    n = len(out)
-    i = pos - self._chunk_pos
-    if 0 <= i and i + n <= len(self._chunk):
-      out[:] = memoryview(self._chunk)[i:i + n]
-      return
-    if pos < 0 or pos + n > self.length:
-      raise self.corrupt(f'malformed tf.train.Example: bytes {pos}..{pos + n} past its end')
-    offset = self.start + pos
-    while len(out):
-      done = os.preadv(self.fd, [out], offset)
-      if done <= 0:
-        raise self.corrupt('the file ends inside the record')
-      out, offset = out[done:], offset + done
-
-  def varint(self, pos: int, end: int) -> tuple[int, int]:
-    data = self.read(pos, min(10, end - pos))
-    value = shift = 0
-    for i, byte in enumerate(data):
-      value |= (byte & 0x7F) << shift
-      if byte < 0x80:
-        return value, pos + i + 1
-      shift += 7
-    raise self.corrupt('malformed tf.train.Example: bad varint')
-
-  def fields(self, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
-    """(field number, wire type, position or varint value, size) of a message's fields."""
-    pos = start
-    while pos < end:
-      key, pos = self.varint(pos, end)
-      number, wire = key >> 3, key & 7
-      if wire == 0:
-        value, pos = self.varint(pos, end)
-        yield number, wire, value, 0
-        continue
-      if wire == 2:
-        size, pos = self.varint(pos, end)
-      elif wire in (1, 5):
-        size = 8 if wire == 1 else 4
-      else:
-        raise self.corrupt(f'malformed tf.train.Example: wire type {wire}')
-      yield number, wire, pos, size
-      pos += size
-    if pos != end:
-      raise self.corrupt('malformed tf.train.Example: a field overruns its message')
-
-  def features(self, wanted: dict[bytes, _Codec]) -> dict[bytes, tuple[int, int]]:
-    """Position and size of the ``tf.train.Feature`` of each wanted key found in the record.
-
-    Example = {1: Features}; Features = {1: repeated map entry}; entry = {1: key, 2: Feature}.
-    Unknown fields and unwanted features are skipped without reading their payloads.
-    """
-    found = {}
-    for number, wire, pos, size in self.fields(0, self.length):
-      if number != 1 or wire != 2:
-        continue
-      for number, wire, entry, entry_size in self.fields(pos, pos + size):
-        if number != 1 or wire != 2:
-          continue
-        key, value = None, (entry + entry_size, 0)  # A missing value is an empty Feature.
-        for number, wire, at, n in self.fields(entry, entry + entry_size):
-          if wire == 2 and number == 1:
-            key = self.read(at, n)
-          elif wire == 2 and number == 2:
-            value = (at, n)
-        if key in wanted:
-          found[key] = value  # Like protobuf maps: the last entry of a key wins.
-    return found
-
-  def values(self, codec: _Codec, pos: int, size: int) -> list:
-    """The values of one tf.train.Feature, checked against what the codec expects.
-
-    Raw and text features give [(position, size)] of their single bytes value (not read yet).
-    """
-    kind_field, list_pos, list_size = 0, 0, 0
-    for number, wire, at, n in self.fields(pos, pos + size):
-      if wire == 2 and number in (1, 2, 3):
-        kind_field, list_pos, list_size = number, at, n
-    expected = _LIST_FIELD[codec.kind]
-    if kind_field not in (0, expected):
-      names = {1: 'bytes_list', 2: 'float_list', 3: 'int64_list'}
-      raise self.corrupt(f'feature {codec.name!r} is a {names[kind_field]}, expected a '
-                         f'{names[expected]}')
-    values: list = []
-    for number, wire, at, n in self.fields(list_pos, list_pos + list_size):
-      if number != 1:
-        continue
-      if codec.kind in (_RAW, _TEXT) and wire == 2:
-        values.append((at, n))
-      elif codec.kind == _FLOAT and wire == 2:  # Packed (what every writer emits).
-        values.extend(np.frombuffer(self.read(at, n), '<f4').tolist())
-      elif codec.kind == _FLOAT and wire == 5:
-        values.append(struct.unpack('<f', self.read(at, 4))[0])
-      elif codec.kind == _INT and wire == 2:  # Packed.
-        end = at + n
-        while at < end:
-          value, at = self.varint(at, end)
-          values.append(value)
-      elif codec.kind == _INT and wire == 0:
-        values.append(at)
-      else:
-        raise self.corrupt(f'malformed tf.train.Example: feature {codec.name!r}')
-    count = 1 if codec.kind in (_RAW, _TEXT) else codec.size
-    if len(values) != count:
-      raise self.corrupt(f'feature {codec.name!r} has {len(values)} values, expected {count}')
-    if codec.kind == _INT:  # int64 travels as a 64-bit two's complement varint.
-      values = [v - (1 << 64) if v >= 1 << 63 else v for v in values]
-    return values
-
-
-def _size_problem(codec: _Codec, size: int) -> str:
-  """What is wrong with a raw tensor of ``size`` bytes, and what it looks like instead."""
-  dims = ' x '.join(str(d) for d in codec.shape)
-  text = f'feature {codec.name!r} has {size} bytes, expected {codec.nbytes} ({dims} {codec.dtype})'
-  itemsize = codec.dtype.itemsize
-  if len(codec.shape) == 3 and size > 0 and size % itemsize == 0:
-    height, width, bands = codec.shape
-    values = size // itemsize
-    if values % (height * width) == 0:
-      text += f': looks like {values // (height * width)} bands instead of {bands}'
-    elif values % bands == 0 and math.isqrt(values // bands) ** 2 == values // bands:
-      side = math.isqrt(values // bands)
-      text += f': looks like {side} x {side} px tiles instead of {height} x {width}'
-  return text
-
-
-def _read_record(fd: int | None, start: int, length: int, where: str,
-                 codecs: dict[bytes, _Codec], out: dict[str, np.ndarray],
-                 raw_out: dict[str, np.ndarray], slot: int, data: bytes | None = None) -> None:
-  """Parses the requested features of one record into row ``slot`` of the batch arrays.
-
-  The record is read from ``fd`` at ``start``, or from ``data`` (the whole record) if given.
-  Anything wrong with it is a BadRecordError whose message starts with ``where``.
-  """
-  record = _Record(fd, start, length, where, data)
-  try:
-    found = record.features(codecs)
-    for key, codec in codecs.items():
-      if key not in found:
-        raise record.corrupt(f'no feature {codec.name!r}')
-      values = record.values(codec, *found[key])
-      if codec.kind == _RAW:
-        at, size = values[0]
-        if size != codec.nbytes:
-          raise record.corrupt(_size_problem(codec, size))
-        record.readinto(at, memoryview(raw_out[codec.name][slot]))
-      elif codec.kind == _TEXT:
-        out[codec.name][slot] = record.read(*values[0])
-      elif codec.shape:
-        out[codec.name][slot] = np.asarray(values).reshape(codec.shape)
-      else:
-        out[codec.name][slot] = values[0]
-  except BadRecordError:
-    raise
-  except (ValueError, OverflowError, struct.error) as e:  # E.g. a packed float list of 7 bytes.
-    raise record.corrupt(f'malformed tf.train.Example: {e}') from e
-
-
-class _Verifier:
-  """Reads whole records through TensorFlow's reader, which checks their payload CRC.
-
-  CRC32C of MBs per record is out of reach of Python; TensorFlow's C++ reader computes it (and
-  releases the GIL meanwhile). That reader reads 16 MiB ahead into a buffer it keeps while
-  open: one per (thread, file) would hold threads x files x 16 MiB, and in a shuffled epoch
-  the read-ahead is wasted anyway. So each read opens its own reader (~5 us) and closes it:
-  thread-safe, and one buffer per reading thread at most.
-  """
-
-  def __init__(self, paths: Sequence[str]):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from tensorflow.python.lib.io import tf_record  # pylint: disable=g-import-not-at-top
-    self._open = tf_record.tf_record_random_reader
-    self._errors = (tf.errors.OpError, IndexError)
-    self._data_loss = tf.errors.DataLossError
-    self._paths = paths
-
-  def read(self, file_index: int, start: int, length: int, where: str) -> bytes:
-    try:
-      reader = self._open(self._paths[file_index])
-      try:
-        data, _ = reader.read(start - 12)  # The offset of the record's header.
-      finally:
-        reader.close()
-    except self._errors as e:
-      what = ('corrupt record: its bytes do not match their CRC'
-              if isinstance(e, self._data_loss) else 'cannot be read')
-      raise BadRecordError(f'{where}: {what} (TensorFlow: {_tf_message(e)})') from e
-    if len(data) != length:
-      raise BadRecordError(f'{where}: {len(data)} bytes read, the header scan said {length}; '
-                           'the file changed while being read')
-    return data
-
-
-def _read_verified(verifier: _Verifier, verified: np.ndarray, row: int, file_index: int,
-                   fd: int, start: int, length: int, where: str, codecs: dict[bytes, _Codec],
-                   out: dict[str, np.ndarray], raw_out: dict[str, np.ndarray],
-                   slot: int) -> None:
-  """_read_record from the record's bytes once TensorFlow has checked their CRC; marks
-  ``verified[row]``."""
+def _read_verified(verifier: tfrecord_index.Verifier, verified: np.ndarray, row: int,
+                   file_index: int, fd: int, start: int, length: int, where: str,
+                   codecs: dict[bytes, example_codec.Codec], out: dict[str, np.ndarray],
+                   raw_out: dict[str, np.ndarray], slot: int) -> None:
+  """example_codec.read_record from the record's bytes once TensorFlow has checked their CRC;
+  marks ``verified[row]``."""
   data = verifier.read(file_index, start, length, where)
-  _read_record(fd, start, length, where, codecs, out, raw_out, slot, data)
+  example_codec.read_record(fd, start, length, where, codecs, out, raw_out, slot, data)
   verified[row] = True
-
-
-def _fill_missing(codecs: Sequence[_Codec], out: dict[str, np.ndarray], slot: int) -> None:
-  """Row ``slot`` of the batch arrays set to "missing": NaN floats (NaN is the images' no-data
-  value), the no-data class for WorldCover labels, 0 for other integer raw tensors, -1 for
-  integer values (0 if unsigned, False if boolean), b'' for texts."""
-  for c in codecs:
-    if c.name == schema.WORLDCOVER:  # 0 is a class (tree cover); losses ignore IGNORE_INDEX.
-      value = schema.IGNORE_INDEX
-    elif c.kind == _TEXT:
-      value = b''
-    elif np.issubdtype(c.dtype, np.floating):
-      value = np.nan
-    elif c.kind == _RAW or c.dtype == np.bool_ or np.issubdtype(c.dtype, np.unsignedinteger):
-      value = 0
-    else:
-      value = -1
-    out[c.name][slot] = value
-
-
-def _tf_message(error: BaseException) -> str:
-  """A TensorFlow error's own words, without the op and node decorations."""
-  if isinstance(error, UnicodeDecodeError):  # TensorFlow's message quoted undecodable bytes.
-    return 'an error whose message (quoting the record) is not text'
-  text = getattr(error, 'message', None) or str(error)
-  text = re.sub(r'\{\{[^}]*\}\}\s*', '', text)
-  text = re.sub(r'\s*\[Op:.*', '', text, flags=re.S).strip()
-  text = text.splitlines()[0].strip() if text else ''
-  return f'{type(error).__name__}: {text}'
 
 
 def _missing_files(paths: Sequence[str], use_tf: bool) -> list[str]:
@@ -658,8 +198,8 @@ class HostDataset:
         (local reader only): up to N bad records are read as missing values, flagged in
         ``batch[BAD_RECORD]``, logged and listed in :attr:`bad_records`; one more raises.
       verify_checksums: Local reader: check each record's payload CRC the first time this
-        dataset reads it (through TensorFlow's record reader; that read is several times
-        slower, see the module docstring). The tf.data reader always checks every read.
+        dataset reads it (through TensorFlow's record reader; that read is slower: see
+        bench/README.md). The tf.data reader always checks every read.
 
     Raises:
       FileNotFoundError: No dataset there, or files of this process's share missing (with
@@ -800,7 +340,7 @@ class HostDataset:
         for (start, _), (_, _, take, _), chosen in zip(self._ranges, self.file_instructions,
                                                        self._selected)]).astype(np.int64)
 
-  def _codecs(self, features: Sequence[str]) -> list[_Codec]:
+  def _codecs(self, features: Sequence[str]) -> list[example_codec.Codec]:
     known = self.builder.info.features
     missing = [name for name in features if name not in known]
     if missing:
@@ -809,7 +349,7 @@ class HostDataset:
       raise ValueError(f'{EXAMPLE_MASK!r} is added by eval_batches, it is not a feature')
     if BAD_RECORD in features:
       raise ValueError(f'{BAD_RECORD!r} is added with max_bad_records > 0, it is not a feature')
-    return [_codec(name, known[name]) for name in dict.fromkeys(features)]
+    return [example_codec.codec_for(name, known[name]) for name in dict.fromkeys(features)]
 
   def batches(self, local_batch: int, *, seed: int, start_step: int = 0,
               num_steps: int, shuffle_buffer: int = 256,
@@ -840,7 +380,8 @@ class HostDataset:
       raise ValueError(f'per-host batch {local_batch} must be at least 1')
     codecs = self._codecs(features)
     if self.reader == 'tf':
-      return self._tf_batches(local_batch, seed, start_step, num_steps, shuffle_buffer, codecs)
+      return self._tf_reader().batches(local_batch, seed, start_step, num_steps, shuffle_buffer,
+                                       codecs)
     return self._local_batches(local_batch, seed, start_step, num_steps, shuffle_buffer, codecs)
 
   def num_eval_batches(self, local_batch: int) -> int:
@@ -870,7 +411,7 @@ class HostDataset:
     num_batches = self.num_eval_batches(local_batch)
     codecs = self._codecs(features)
     if self.reader == 'tf':
-      return self._tf_eval_batches(local_batch, num_batches, codecs)
+      return self._tf_reader().eval_batches(local_batch, num_batches, codecs, EXAMPLE_MASK)
     return self._local_eval_batches(local_batch, num_batches, codecs)
 
   # --- Local reader ---------------------------------------------------------------------------
@@ -914,14 +455,14 @@ class HostDataset:
     Damage, or fewer records than the metadata's ``in_shard``, raises; with max_bad_records > 0
     it is logged, and the records from the damage on are lost (the reason is returned).
     """
-    records, damage = _scan(path)
+    records, damage = tfrecord_index.scan(path)
     if len(records) > in_shard:
       raise BadRecordError(f'{path}: {len(records)} records, the dataset metadata says '
                            f'{in_shard}; the folder changed since it was written')
     if damage is not None:
       at, pos, what = damage
       message = (f'{path}: record {at} (split record {first + at}, byte {pos}): {what}'
-                 f'{_lost_records(at, in_shard)}')
+                 f'{tfrecord_index.lost_records(at, in_shard)}')
     elif len(records) < in_shard:
       at = len(records)
       pos = int(records[-1].sum()) + 4 if at else 0
@@ -1012,20 +553,20 @@ class HostDataset:
     def generate():
       readable = np.unique(locations[locations[:, 1] >= 0, 0])
       fds = {int(i): os.open(paths[i], os.O_RDONLY) for i in readable}
-      verifier = _Verifier(paths) if self.verify_checksums else None
+      verifier = tfrecord_index.Verifier(paths) if self.verify_checksums else None
       # Enough batches in flight to keep every thread busy while the consumer works on one.
       depth = max(2, math.ceil(2 * _READ_THREADS / local_batch))
       pool = concurrent.futures.ThreadPoolExecutor(_READ_THREADS, 'host_dataset_read')
       pending = collections.deque()
       # The consumer holds one batch while asking for the next: depth + 2 arrays of each kind
       # cycle in steady state.
-      arrays = _ArrayPool(capacity=depth + 2)
+      arrays = array_pool.ArrayPool(capacity=depth + 2)
 
       def submit(step):
-        out = _empty_batch(codecs, local_batch, arrays)
+        out = array_pool.empty_batch(codecs, local_batch, arrays)
         # Raw tensors are filled through flat byte views of their rows.
         raw_out = {c.name: out[c.name].reshape(local_batch, -1).view(np.uint8)
-                   for c in codecs if c.kind == _RAW}
+                   for c in codecs if c.kind == example_codec.RAW}
         rows = batch_records(step)
         reads = []  # Per slot, the read's future, or None for a record known to be bad.
         for slot, row in enumerate(rows):
@@ -1036,8 +577,8 @@ class HostDataset:
           where = (f'{paths[file_index]}: record {in_file} (split record {index}, '
                    f'byte {offset - 12})')
           if verifier is None or verified[row]:
-            reads.append(pool.submit(_read_record, fds[file_index], offset, length, where, wanted,
-                                     out, raw_out, slot))
+            reads.append(pool.submit(example_codec.read_record, fds[file_index], offset, length,
+                                     where, wanted, out, raw_out, slot))
           else:
             reads.append(pool.submit(_read_verified, verifier, verified, row, file_index,
                                      fds[file_index], offset, length, where, wanted, out,
@@ -1072,10 +613,10 @@ class HostDataset:
             break
           if sys.byteorder != 'little':  # Raw tensors are stored little-endian.
             for c in codecs:
-              if c.kind == _RAW and c.dtype.itemsize > 1:
+              if c.kind == example_codec.RAW and c.dtype.itemsize > 1:
                 out[c.name].byteswap(inplace=True)
           for slot in bad:
-            _fill_missing(codecs, out, slot)
+            example_codec.fill_missing(codecs, out, slot)
           # A new dict: what the consumer does to it cannot touch the arrays' reuse.
           batch = dict(out)
           if mask is not None:
@@ -1098,251 +639,12 @@ class HostDataset:
 
     return generate()
 
-  # --- tf.data reader -------------------------------------------------------------------------
+  # --- tf.data reader ---------------------------------------------------------------------------
 
-  def _tf_files(self) -> tuple[list[str], list[int], list[int], list[int]]:
-    """(path, skip, take, first row) of each file read; rows number the share's records."""
-    table, row = [], 0
-    for (path, skip, take, _), chosen in zip(self.file_instructions, self._selected):
-      if chosen is None or chosen.size:  # Files without a selected record are not opened.
-        table.append((path, skip, take, row))
-      row += take
-    return tuple(list(column) for column in zip(*table))
-
-  def _tf_keep(self):
-    """Per row of the share (see _tf_files), whether it is read: a bool tensor, or None."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    if self.records is None:
-      return None
-    keep = np.zeros(sum(take for _, _, take, _ in self.file_instructions), np.bool_)
-    row = 0
-    for (_, _, take, _), chosen in zip(self.file_instructions, self._selected):
-      keep[row + chosen] = True
-      row += take
-    return tf.constant(keep)
-
-  def _tf_records(self, files, cycle_length: int, keep):
-    """Raw records of ``files`` (a dataset of _tf_files rows), kept rows only, interleaved."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-    def read(path, skip, take, row):
-      # TFRecordDataset ends quietly at a file cut at a record border (or inside a header):
-      # fewer records than the metadata says fail here instead of shifting the stream.
-      records = (tf.data.TFRecordDataset(path).skip(skip).take(take)
-                 .apply(tf.data.experimental.assert_cardinality(take)))
-      if keep is None:
-        return records
-      # Selected by row number before any shuffle, so the set read does not depend on order.
-      return (tf.data.Dataset.zip((tf.data.Dataset.range(row, row + take), records))
-              .filter(lambda r, _: tf.gather(keep, r)).map(lambda _, record: record))
-
-    return files.interleave(read, cycle_length=cycle_length, block_length=1,
-                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-  def _tf_cache_selection(self) -> bool:
-    """Whether the selected records are small enough to keep in memory after one read.
-
-    Without a cache every epoch rereads the files holding a selected record: for a label
-    fraction of 0.1 %, a thousand times the bytes used. Sizes are estimated from file sizes.
-    A cached selection is read in another order than an uncached one (see _tf_epochs): like a
-    change of reader, resume a run on the same data it started on.
-    """
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    if self.records is None:
-      return False
-    paths, *_ = self._tf_files()
-    in_files = {path: shard for path, _, _, shard in self.file_instructions}
-    file_bytes = sum(tf.io.gfile.stat(path).length for path in paths)
-    per_record = file_bytes / max(1, sum(in_files[path] for path in paths))
-    return self.num_examples * per_record <= _TF_CACHE_BYTES
-
-  def _tf_epochs(self, seed: int, first_epoch: int, end_epoch: int, shuffle_buffer: int):
-    """Raw serialised records of epochs first_epoch..end_epoch-1, each in its own order.
-
-    Epochs are made lazily (a long run over a tiny selection has millions of them). An epoch
-    reads the files in an order drawn from (seed, epoch), 4 interleaved, and shuffles records
-    in a window of ``shuffle_buffer``; a cached selection is shuffled from memory instead.
-    """
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    paths, skips, takes, rows = self._tf_files()
-    table = (tf.constant(paths), tf.constant(skips, tf.int64), tf.constant(takes, tf.int64),
-             tf.constant(rows, tf.int64))
-    keep = self._tf_keep()
-    shuffle = shuffle_buffer > 1
-    cached = None
-    if self._tf_cache_selection():
-      cached = self._tf_records(tf.data.Dataset.from_tensor_slices(table), 1, keep).cache()
-
-    def file_order(epoch):
-      rng = np.random.default_rng([seed & (2**64 - 1), int(epoch)])
-      return rng.permutation(len(paths)).astype(np.int64)
-
-    seed_offset = (seed * _EPOCH_SEED_STRIDE) % (2**31 - 1)
-
-    def epoch_records(epoch):
-      if cached is not None:
-        records = cached
-      else:
-        order = tf.range(len(paths), dtype=tf.int64)
-        if shuffle:
-          order = tf.numpy_function(file_order, [epoch], tf.int64, stateful=False)
-          order.set_shape([len(paths)])
-        files = tf.data.Dataset.from_tensor_slices(tuple(tf.gather(t, order) for t in table))
-        records = self._tf_records(files, min(4, len(paths)), keep)
-      if shuffle:
-        epoch_seed = (seed_offset + epoch) % (2**31 - 1)
-        records = records.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
-      return records
-
-    return tf.data.Dataset.range(first_epoch, end_epoch).flat_map(epoch_records)
-
-  def _tf_parse(self, codecs):
-    """A function parsing a batch of serialised records into the requested features."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    spec = {}
-    for c in codecs:
-      if c.kind in (_RAW, _TEXT):
-        spec[c.name] = tf.io.FixedLenFeature([], tf.string)
-      else:
-        spec[c.name] = tf.io.FixedLenFeature(c.shape, tf.float32 if c.kind == _FLOAT else tf.int64)
-
-    def parse(serialised):  # One vectorised parse per batch, of the requested features only.
-      parsed = tf.io.parse_example(serialised, spec)
-      out = {}
-      for c in codecs:
-        value = parsed[c.name]
-        if c.kind == _RAW:
-          value = tf.io.decode_raw(value, tf.as_dtype(c.dtype))
-          # The batch size from the input, not -1: same-sized records of a wrong size must
-          # fail, not regroup into another number of tensors.
-          value = tf.reshape(value, tf.concat([tf.shape(value)[:1],
-                                               tf.constant(c.shape, tf.int32)], 0))
-        elif c.kind != _TEXT and value.dtype != tf.as_dtype(c.dtype):
-          value = tf.cast(value, c.dtype)
-        out[c.name] = value
-      return out
-
-    return parse
-
-  def _tf_batches(self, local_batch, seed, start_step, num_steps, shuffle_buffer, codecs):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    position = start_step * local_batch
-    first_epoch, offset = divmod(position, self.num_examples)
-    end_epoch = math.ceil((position + num_steps * local_batch) / self.num_examples)
-    ds = self._tf_epochs(seed, first_epoch, max(end_epoch, first_epoch + 1), shuffle_buffer)
-    ds = ds.skip(offset)  # Raw: not decoded.
-    ds = ds.batch(local_batch, drop_remainder=True).take(num_steps)
-    ds = ds.map(self._tf_parse(codecs), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return self._tf_checked(ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator(), codecs)
-
-  def _tf_eval_batches(self, local_batch, num_batches, codecs):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    paths, skips, takes, rows = self._tf_files()
-    files = tf.data.Dataset.from_tensor_slices(
-        (paths, tf.constant(skips, tf.int64), tf.constant(takes, tf.int64),
-         tf.constant(rows, tf.int64)))
-    records = self._tf_records(files, 1, self._tf_keep())  # One file at a time: file order.
-    total = num_batches * local_batch
-    padded = records.concatenate(records.take(1).repeat(total - self.num_examples))
-    mask = tf.data.Dataset.range(total).map(lambda i: i < self.num_examples)
-    parse = self._tf_parse(codecs)
-
-    def parse_with_mask(serialised, real):
-      out = parse(serialised)
-      out[EXAMPLE_MASK] = real
-      return out
-
-    ds = tf.data.Dataset.zip((padded, mask)).batch(local_batch, drop_remainder=True)
-    ds = ds.map(parse_with_mask, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return self._tf_checked(ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator(), codecs)
-
-  def _tf_checked(self, batches, codecs):
-    """``batches``, with a TensorFlow error about the data turned into one naming the record."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    try:
-      yield from batches
-    # UnicodeDecodeError: TensorFlow quoting a malformed record's bytes in its message.
-    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
-            tf.errors.FailedPreconditionError, UnicodeDecodeError) as e:
-      raise self._tf_locate(codecs, e) from e
-
-  def _tf_locate(self, codecs, error) -> BadRecordError:
-    """The first bad record of the files read, in file order, for a tf.data ``error``.
-
-    TensorFlow's messages name neither file nor record: reread the files one by one, parsing
-    the records read with the same function (in groups, then one by one in a failing group).
-    Slow, but only ever on the way to an error.
-    """
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    logging.warning('tf.data failed reading %s (%s); reading its files again one by one to find '
-                    'the record', self.data_dir, _tf_message(error))
-    parse = self._tf_parse(codecs)
-    wanted = {c.name.encode(): c for c in codecs}
-    out = _empty_batch(codecs, 1)
-    raw_out = {c.name: out[c.name].reshape(1, -1).view(np.uint8) for c in codecs
-               if c.kind == _RAW}
-
-    def first_bad(group, where):
-      """The error of the first record of ``group`` [(index, byte, record)] that fails parsing."""
-      if not group:
-        return None
-      try:
-        parse(tf.constant([record for _, _, record in group]))
-        return None
-      except (tf.errors.OpError, UnicodeDecodeError):
-        pass
-      for index, pos, record in group:
-        try:
-          parse(tf.constant([record]))
-        except (tf.errors.OpError, UnicodeDecodeError) as e:
-          said = _tf_message(e)
-          try:  # This module's parser says what is wrong in its own words, where it can.
-            _read_record(None, 0, len(record), where(index, pos), wanted, out, raw_out, 0, record)
-          except BadRecordError as bad:
-            return BadRecordError(f'{bad} (TensorFlow: {said})')
-          return BadRecordError(f'{where(index, pos)}: {said}')
-      return None
-
-    for file_index, ((path, skip, take, in_shard), chosen) in enumerate(
-        zip(self.file_instructions, self._selected)):
-      if chosen is not None and not chosen.size:
-        continue
-      first = int(self._ranges[file_index, 0]) - skip
-
-      def where(index, pos, path=path, first=first):
-        return f'{path}: record {index} (split record {first + index}, byte {pos})'
-
-      parsed = set(range(skip, skip + take)) if chosen is None else set((skip + chosen).tolist())
-      index = pos = size = 0
-      group = []
-      try:
-        for record in tf.data.TFRecordDataset(path).take(skip + take).as_numpy_iterator():
-          if index in parsed:
-            group.append((index, pos, record))
-            size += len(record)
-            if len(group) >= 64 or size >= 64 << 20:
-              if (bad := first_bad(group, where)) is not None:
-                return bad
-              group, size = [], 0
-          pos += 12 + len(record) + 4
-          index += 1
-      except tf.errors.OpError as e:
-        if (bad := first_bad(group, where)) is not None:
-          return bad
-        if isinstance(e, tf.errors.NotFoundError) and index == 0:
-          return BadRecordError(f'{path}: cannot be read: {_tf_message(e)}')
-        return BadRecordError(f'{where(index, pos)}: corrupt or truncated record '
-                              f'(TensorFlow: {_tf_message(e)})')
-      if (bad := first_bad(group, where)) is not None:
-        return bad
-      if index < skip + take:
-        return BadRecordError(
-            f'{where(index, pos)}: the file ends after {index} records (byte {pos} of '
-            f'{tf.io.gfile.stat(path).length}), the dataset metadata says {in_shard}; it was '
-            'truncated or changed since it was written')
-    return BadRecordError(f'{self.data_dir} split {self._split_name!r}: tf.data failed '
-                          f'({_tf_message(error)}), but reading the files again record by '
-                          'record found no bad record')
+  def _tf_reader(self) -> tf_reader.TfReader:
+    """The tf.data reader of this share (see data_pipeline.tf_reader)."""
+    return tf_reader.TfReader(self.data_dir, self._split_name, self.file_instructions,
+                              self._ranges, self._selected, self.records, self.num_examples)
 
 
 def read_split_index(data_dir: str, split: str,

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from data_pipeline import example_codec
 from data_pipeline import input as data_input
 from data_pipeline import schema
+from data_pipeline import tfrecord_index
 
 ALL = (schema.IMAGE, schema.WORLDCOVER, schema.VCF, schema.LAT, schema.LON, schema.REGION,
        schema.TILE_ID)
@@ -37,7 +39,7 @@ def shard(data_dir, index):
 def where(data_dir, shard_index, record):
   """The start of an error message about record ``record`` of train shard ``shard_index``."""
   path = shard(data_dir, shard_index)
-  offset = int(data_input.scan_tfrecord(path)[record][0]) - 12 if record < 8 else None
+  offset = int(tfrecord_index.scan_tfrecord(path)[record][0]) - 12 if record < 8 else None
   return (re.escape(f'{path}: record {record} (split record {8 * shard_index + record}, '
                     f'byte {offset}): '))
 
@@ -61,7 +63,7 @@ def with_bands(record, bands):
 
 def flip_image_byte(path, record):
   """Flips bits of one byte inside a record's image bytes: framing and protobuf stay valid."""
-  offset, length = (int(v) for v in data_input.scan_tfrecord(path)[record])
+  offset, length = (int(v) for v in tfrecord_index.scan_tfrecord(path)[record])
   with open(path, 'r+b') as f:
     f.seek(offset)
     data = f.read(length)
@@ -98,7 +100,7 @@ def open_tf(data_dir, **kwargs):
 def test_corrupt_header(tiny_dataset, tmp_path):
   data = copy_of(tiny_dataset, tmp_path)
   path = shard(data, 2)
-  byte = int(data_input.scan_tfrecord(path)[3][0]) - 12
+  byte = int(tfrecord_index.scan_tfrecord(path)[3][0]) - 12
   with open(path, 'r+b') as f:  # One bit of record 3's length.
     f.seek(byte)
     value = f.read(1)[0]
@@ -168,18 +170,18 @@ def test_another_band_count(tiny_dataset, tmp_path, bands):
 
 
 def test_other_sizes_are_described():
-  codec = data_input._Codec(schema.IMAGE, data_input._RAW, (448, 448, 12), np.dtype(np.float16))
-  assert data_input._size_problem(codec, 64 * 64 * 12 * 2) == (
+  codec = example_codec.Codec(schema.IMAGE, example_codec.RAW, (448, 448, 12), np.dtype(np.float16))
+  assert example_codec._size_problem(codec, 64 * 64 * 12 * 2) == (
       "feature 'image' has 98304 bytes, expected 4816896 (448 x 448 x 12 float16): looks like "
       '64 x 64 px tiles instead of 448 x 448')
-  assert data_input._size_problem(codec, 1001) == (
+  assert example_codec._size_problem(codec, 1001) == (
       "feature 'image' has 1001 bytes, expected 4816896 (448 x 448 x 12 float16)")
 
 
 def test_truncated_file(tiny_dataset, tmp_path):
   data = copy_of(tiny_dataset, tmp_path)
   path = shard(data, 3)
-  offset, length = (int(v) for v in data_input.scan_tfrecord(path)[6])
+  offset, length = (int(v) for v in tfrecord_index.scan_tfrecord(path)[6])
   size = offset + 100
   truncate(path, size)
   message = re.escape(
@@ -224,7 +226,7 @@ def test_tf_reader_corrupt_record(tiny_dataset, tmp_path):
 def test_tf_reader_truncated_file(tiny_dataset, tmp_path):
   data = copy_of(tiny_dataset, tmp_path)
   path = shard(data, 3)
-  offset = int(data_input.scan_tfrecord(path)[6][0])
+  offset = int(tfrecord_index.scan_tfrecord(path)[6][0])
   start = where(data, 3, 6)
   truncate(path, offset + 100)
   with pytest.raises(data_input.BadRecordError, match=start + re.escape(
@@ -273,7 +275,7 @@ def damaged_copy(tiny_dataset, tmp_path):
   data = copy_of(tiny_dataset, tmp_path)
   rewrite(shard(data, 0), {2: lambda record: with_bands(record, 6)})  # Record 2.
   flip_image_byte(shard(data, 1), 5)  # Record 13: caught by the CRC.
-  offset = int(data_input.scan_tfrecord(shard(data, 3))[6][0])
+  offset = int(tfrecord_index.scan_tfrecord(shard(data, 3))[6][0])
   truncate(shard(data, 3), offset + 100)  # Records 30 and 31.
   os.remove(shard(data, 6))  # Records 48..55.
   return data

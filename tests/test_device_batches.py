@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import pretrain as pretrain_configs
 from data_pipeline import device_batches
 from mae_jax import sharding
 
@@ -21,7 +22,7 @@ def host_batches(record=None):
 
 @pytest.mark.parametrize('depth', [0, 1, 3])
 def test_prefetched_batches_are_the_synchronous_ones(depth):
-  mesh = sharding.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  mesh = sharding.create_mesh(pretrain_configs.base_config().mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   record = []
   with device_batches.DevicePrefetch(host_batches(record), batch_sharding, start_step=5,
@@ -39,7 +40,7 @@ def test_an_error_is_raised_at_its_own_step_after_the_good_batches():
     if step == 3:
       raise OSError('shard-00002 is truncated')
     return {'image': np.zeros((8, 1), np.float16)}
-  mesh = sharding.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  mesh = sharding.create_mesh(pretrain_configs.base_config().mesh)
   with device_batches.DevicePrefetch(read, sharding.batch_sharding(mesh), start_step=0,
                                      stop_step=10, depth=2) as prefetch:
     for step in range(3):
@@ -49,7 +50,7 @@ def test_an_error_is_raised_at_its_own_step_after_the_good_batches():
 
 
 def test_close_stops_a_reader_that_is_ahead_and_blocked():
-  mesh = sharding.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  mesh = sharding.create_mesh(pretrain_configs.base_config().mesh)
   record = []
   prefetch = device_batches.DevicePrefetch(host_batches(record), sharding.batch_sharding(mesh),
                                            start_step=0, stop_step=1000, depth=2)

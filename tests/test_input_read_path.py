@@ -9,9 +9,13 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from data_pipeline import array_pool
 from data_pipeline import build_synthetic
+from data_pipeline import example_codec
 from data_pipeline import input as data_input
 from data_pipeline import schema
+from data_pipeline import tf_reader
+from data_pipeline import tfrecord_index
 from data_pipeline import writer
 
 READERS = ('local', 'tf')
@@ -185,20 +189,20 @@ def test_parser_reads_unpacked_lists_negative_ints_and_repeated_keys(tmp_path):
   path = str(tmp_path / 'crafted.tfrecord')
   with tf.io.TFRecordWriter(path) as out:
     out.write(record)
-  (offset, length), = data_input.scan_tfrecord(path)
-  codecs = [data_input._Codec('vcf', data_input._FLOAT, (), np.dtype(np.float32)),
-            data_input._Codec('region', data_input._INT, (), np.dtype(np.int64)),
-            data_input._Codec('shape', data_input._INT, (2,), np.dtype(np.int32)),
-            data_input._Codec('tile_id', data_input._TEXT, (), np.dtype(object))]
-  out = data_input._empty_batch(codecs, 1)
+  (offset, length), = tfrecord_index.scan_tfrecord(path)
+  codecs = [example_codec.Codec('vcf', example_codec.FLOAT, (), np.dtype(np.float32)),
+            example_codec.Codec('region', example_codec.INT, (), np.dtype(np.int64)),
+            example_codec.Codec('shape', example_codec.INT, (2,), np.dtype(np.int32)),
+            example_codec.Codec('tile_id', example_codec.TEXT, (), np.dtype(object))]
+  out = array_pool.empty_batch(codecs, 1)
   fd = os.open(path, os.O_RDONLY)
   try:
-    data_input._read_record(fd, int(offset), int(length), path,
-                            {c.name.encode(): c for c in codecs}, out, {}, 0)
-    missing = [data_input._Codec('lat', data_input._FLOAT, (), np.dtype(np.float32))]
+    example_codec.read_record(fd, int(offset), int(length), path,
+                              {c.name.encode(): c for c in codecs}, out, {}, 0)
+    missing = [example_codec.Codec('lat', example_codec.FLOAT, (), np.dtype(np.float32))]
     with pytest.raises(ValueError, match="crafted.tfrecord: no feature 'lat'"):
-      data_input._read_record(fd, int(offset), int(length), path, {b'lat': missing[0]},
-                              data_input._empty_batch(missing, 1), {}, 0)
+      example_codec.read_record(fd, int(offset), int(length), path, {b'lat': missing[0]},
+                                array_pool.empty_batch(missing, 1), {}, 0)
   finally:
     os.close(fd)
   assert out['vcf'][0] == 42.5 and out['region'][0] == -3
@@ -208,17 +212,17 @@ def test_parser_reads_unpacked_lists_negative_ints_and_repeated_keys(tmp_path):
 def test_scan_rejects_corrupt_and_truncated_files(tiny_dataset, tmp_path):
   shard = [n for n in sorted(os.listdir(tiny_dataset)) if '-train.tfrecord-' in n][0]
   data = open(os.path.join(tiny_dataset, shard), 'rb').read()
-  records = data_input.scan_tfrecord(os.path.join(tiny_dataset, shard))
+  records = tfrecord_index.scan_tfrecord(os.path.join(tiny_dataset, shard))
   assert len(records) == 8 and records[0][0] == 12
   truncated = tmp_path / 'truncated'
   truncated.write_bytes(data[:-5])
   with pytest.raises(ValueError, match='truncated TFRecord file'):
-    data_input.scan_tfrecord(str(truncated))
+    tfrecord_index.scan_tfrecord(str(truncated))
   corrupt = bytearray(data)
   corrupt[int(records[3][0]) - 12] ^= 1  # One bit of the 4th record's length.
   (tmp_path / 'corrupt').write_bytes(bytes(corrupt))
   with pytest.raises(ValueError, match=f'corrupt TFRecord header at byte {records[3][0] - 12}'):
-    data_input.scan_tfrecord(str(tmp_path / 'corrupt'))
+    tfrecord_index.scan_tfrecord(str(tmp_path / 'corrupt'))
 
 
 def test_a_shard_that_changed_since_it_was_written_is_refused(tiny_dataset, tmp_path):
@@ -253,7 +257,7 @@ def test_wrong_image_size_names_the_record(tiny_dataset, tmp_path):
 
 
 def test_array_pool_reuses_only_arrays_nobody_holds():
-  pool = data_input._ArrayPool(capacity=3)
+  pool = array_pool.ArrayPool(capacity=3)
   shape, dtype = (4, 1024), np.dtype(np.float16)
   first = pool.empty(shape, dtype)
   address = first.ctypes.data
@@ -270,7 +274,7 @@ def test_array_pool_reuses_only_arrays_nobody_holds():
 
 
 def test_kept_batches_are_never_overwritten(tiny_dataset, monkeypatch):
-  monkeypatch.setattr(data_input, '_POOL_MIN_BYTES', 0)  # Pool even the 32 px batches.
+  monkeypatch.setattr(array_pool, '_POOL_MIN_BYTES', 0)  # Pool even the 32 px batches.
   dataset = data_input.HostDataset(tiny_dataset, 'train')
   kept, copies, addresses = [], [], set()
   for step, batch in enumerate(dataset.batches(4, seed=0, num_steps=40)):
@@ -305,10 +309,10 @@ SELECTION_READERS = [('local', None), ('tf', 'cached'), ('tf', 'reread')]
 
 def open_selection(data_dir, reader, cache, monkeypatch, **kwargs):
   if cache == 'reread':
-    monkeypatch.setattr(data_input, '_TF_CACHE_BYTES', 0)
+    monkeypatch.setattr(tf_reader, '_TF_CACHE_BYTES', 0)
   dataset = data_input.HostDataset(data_dir, 'train', reader=reader, **kwargs)
   if reader == 'tf':
-    assert dataset._tf_cache_selection() == (cache == 'cached')
+    assert dataset._tf_reader()._cache_selection() == (cache == 'cached')
   return dataset
 
 
