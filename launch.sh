@@ -78,7 +78,8 @@ USAGE
       python -m MODULE ARGS          (MODULE: --module, default mae_jax.main)
   for example  -- --config configs/pretrain.py:poster --workdir gs://bucket/run1
   The task (pretraining, fine-tuning, evaluation) comes from the config file; the study is
-  --module mae_jax.trainers.study. Options take their value as `--opt VALUE` or `--opt=VALUE`.
+  --module mae_jax.trainers.study. Options take their value as `--opt VALUE` or `--opt=VALUE`;
+  a value with a control character (a newline, a tab...) is refused.
 
 GLOBAL OPTIONS (anywhere before `--`)
   --dry-run    Print every command instead of running it, shell-quoted so that it can be
@@ -175,13 +176,17 @@ SLURM: launch.sh slurm --nodes N --gpus-per-node G [options] -- ARGS
     --gpus-per-node G    GPUs per node, and so tasks per node; TYPE:G (e.g. a100:8) asks
                          for a GPU type. Required.
     --partition P        #SBATCH --partition.
-    --time HH:MM:SS      #SBATCH --time (the partition's default otherwise).
-    --account A          #SBATCH --account.
+    --time HH:MM:SS      #SBATCH --time (the partition's default otherwise); any SLURM
+                         form: MINUTES, HH:MM:SS, DAYS-HH[:MM[:SS]], UNLIMITED.
+    --account A          #SBATCH --account. P and A may not hold whitespace, quotes, '\'
+                         or '#', which sbatch would not read literally there.
     --job-name NAME      Default mae_jax.
     --cpus-per-task C    CPU cores per task (input pipeline threads); default 8.
     --module M           Default mae_jax.main.
     --script-dir DIR     Default ./slurm. The script is DIR/NAME-YYYYmmdd-HHMMSS.sbatch, the
                          job's output DIR/NAME-JOBID.out (appended to across requeues).
+                         DIR (and the current directory, the job's --chdir) may hold spaces:
+                         they are quoted for sbatch; DIR may not hold '\'.
   Under --dry-run nothing is written or submitted: it prints a shell snippet (mkdir -p,
   cat > SCRIPT <<'EOF' ... EOF, sbatch SCRIPT) that does what launch.sh would do.
 
@@ -359,6 +364,9 @@ parse_options() {
         shift
       fi
       [[ -n "${value}" ]] || die_usage "option ${name} needs a value"
+      # Values end up in scripts and remote commands, where a newline would start a new line.
+      [[ "${value}" != *[[:cntrl:]]* ]] || die_usage "option ${name} must not contain" \
+        "control characters (a newline, a tab...), got $(printf '%q' "${value}")"
       OPT["${name}"]="${value}"
     elif [[ "${flags}" == *" ${name} "* ]]; then
       (( ! inline )) || die_usage "option ${name} takes no value"
@@ -645,12 +653,36 @@ tpu_main() {
 # SLURM.
 #######################################
 
+# Exits 2 if the value of option NAME (e.g. --partition) holds a character that sbatch does
+# not read literally in an #SBATCH line: whitespace ends the value, '#' starts a comment,
+# quotes and '\' are taken as quoting.
+check_sbatch_word() {
+  local name="$1" value="$2"
+  [[ "${value}" != *[[:space:]\"\'\\#]* ]] ||
+    die_usage "${name} must not contain whitespace, quotes, '\\' or '#' (it goes into an" \
+      "#SBATCH line), got '${value}'"
+}
+
+# Prints VALUE as one word of an #SBATCH line: as it is when sbatch reads it literally, else
+# in double quotes with '"' and '\' escaped (sbatch's own quoting, not the shell's). VALUE has
+# no control characters (parse_options and slurm_main refuse them).
+sbatch_word() {
+  local value="$1"
+  if [[ "${value}" =~ ^[A-Za-z0-9_./:@%+=,-]+$ ]]; then
+    printf '%s' "${value}"
+  else
+    value="${value//\\/\\\\}"
+    printf '"%s"' "${value//\"/\\\"}"
+  fi
+}
+
 # Prints the sbatch script. Arguments: the script's path, the job's output directory.
 slurm_script() {
   local path="$1" out_dir="$2"
   local job="${OPT[--job-name]:-mae_jax}" gpus="${OPT[--gpus-per-node]}"
-  local tasks="${gpus##*:}" module python command
+  local tasks="${gpus##*:}" module python command checkout
   module="$(module_option)"
+  checkout="$(printf '%q' "${REPO_DIR}")"  # On one line, whatever the path holds.
   python="${PYTHON:-python}"
   command="srun --kill-on-bad-exit=1 $(printf '%q' "${python}") -m ${module}"
   if (( ${#PY_ARGS[@]} )); then
@@ -658,7 +690,7 @@ slurm_script() {
   fi
   cat <<EOF
 #!/bin/bash
-# mae_jax job written by launch.sh on $(date '+%Y-%m-%d %H:%M:%S') (checkout: ${REPO_DIR}).
+# mae_jax job written by launch.sh on $(date '+%Y-%m-%d %H:%M:%S') (checkout: ${checkout}).
 # Submit it (again) with: sbatch $(printf '%q' "${path}")
 #SBATCH --job-name=${job}
 #SBATCH --nodes=${OPT[--nodes]}
@@ -668,8 +700,8 @@ slurm_script() {
 #SBATCH --signal=B:TERM@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output=${out_dir}/%x-%j.out
-#SBATCH --chdir=${PWD}
+#SBATCH --output=$(sbatch_word "${out_dir//%/%%}/%x-%j.out")
+#SBATCH --chdir=$(sbatch_word "${PWD}")
 EOF
   local option
   for option in partition time account; do
@@ -735,9 +767,21 @@ slurm_main() {
   # The job name is part of the script's file name.
   check_value --job-name "${job}" '^[A-Za-z0-9_.-]+$' "letters, digits, '_', '.' or '-'"
   module_option > /dev/null
+  # Values written into #SBATCH lines (parse_options has refused control characters).
+  [[ -z "${OPT[--partition]-}" ]] || check_sbatch_word --partition "${OPT[--partition]}"
+  [[ -z "${OPT[--account]-}" ]] || check_sbatch_word --account "${OPT[--account]}"
+  [[ -z "${OPT[--time]-}" ]] || check_value --time "${OPT[--time]}" \
+    '^(([0-9]+-)?[0-9]+(:[0-9]+){0,2}|UNLIMITED|unlimited|INFINITE|infinite)$' \
+    "a SLURM time limit (MINUTES, HH:MM:SS, DAYS-HH, DAYS-HH:MM:SS...)"
+  [[ "${PWD}" != *[[:cntrl:]]* ]] ||
+    die "the current directory $(printf '%q' "${PWD}") holds a control character (a newline," \
+      "a tab...), which cannot go into the job's #SBATCH --chdir line; submit from another one"
 
   local dir="${OPT[--script-dir]:-./slurm}"
   [[ "${dir}" == /* ]] || dir="${PWD}/${dir#./}"
+  # A '\' in the output path would turn off the job name and id in its %x-%j pattern.
+  [[ "${dir}" != *\\* ]] ||
+    die_usage "--script-dir: the job output folder must not contain '\\', got '${dir}'"
   local stamp path count=1
   stamp="$(date +%Y%m%d-%H%M%S)"
   path="${dir}/${job}-${stamp}.sbatch"

@@ -10,8 +10,10 @@ It trains the 32 px test config (``tests/tiny_config.py``) with asynchronous che
 ``--every`` steps and interrupts it ``--kills`` times with SIGKILL and ``--terms`` times with
 SIGTERM, in a random order, each at a random moment: some from the process start (landing in
 start-up, restore or compilation), most after training has begun (in a step, in an
-asynchronous save, at a log line). After each interruption
-it starts the same command again and asserts:
+asynchronous save, at a log line). ``--damages`` more restarts first damage the newest committed
+checkpoint (flipped bytes, a truncated file, a missing folder or manifest, truncated metadata:
+``tests/damage.py``) and are then killed like the others. After each interruption it starts the
+same command again and asserts:
 
 * the restart resumes from the latest *committed* checkpoint (Orbax's view before the restart),
   which restores completely; a save cut short by SIGKILL is never picked;
@@ -19,6 +21,9 @@ it starts the same command again and asserts:
   save interval, or two if a save was still in flight);
 * after SIGTERM, the run exited 0 with a checkpoint of the very step it stopped at, and the
   restart resumes from that step: nothing is lost;
+* after damage, the restart says the newest step cannot be restored, falls back to the one
+  before it (or resumes the newest if the damage left it exactly restorable and verified) and
+  moves the damaged step to ``damaged_checkpoints/``;
 
 and at the end that the params equal, bitwise, those of an uninterrupted run of the same config.
 It writes ``tally.json`` and ``tally.md`` into ``--out`` and exits non-zero if any check failed.
@@ -42,8 +47,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, 'tests'))
 
+from damage import CHECKPOINT_DAMAGE  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 STEP_LINE = re.compile(r'^step (\d+):')
 RESUMED = re.compile(r'^Resumed from .*/(\d+)\.$')
+FELL_BACK = re.compile(r'^Checkpoint step (\d+) cannot be restored: ')
 STOPPED = re.compile(r'^Stopped by SIGTERM at step (\d+):')
 
 
@@ -102,6 +110,8 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--kills', type=int, default=20)
   parser.add_argument('--terms', type=int, default=5)
+  parser.add_argument('--damages', type=int, default=5,
+                      help='restarts that first damage the newest committed checkpoint')
   parser.add_argument('--total_steps', type=int, default=2000)
   parser.add_argument('--every', type=int, default=25, help='checkpoint interval (steps)')
   parser.add_argument('--start_fraction', type=float, default=0.3,
@@ -128,7 +138,7 @@ def main() -> int:
              '--workdir', workdir, *flags]
   env = dict(os.environ, PYTHONUNBUFFERED='1')
   rng = random.Random(args.seed)
-  plan = ['SIGKILL'] * args.kills + ['SIGTERM'] * args.terms
+  plan = ['SIGKILL'] * args.kills + ['SIGTERM'] * args.terms + ['DAMAGE'] * args.damages
   rng.shuffle(plan)
 
   records, failures = [], []
@@ -136,10 +146,16 @@ def main() -> int:
   previous = None  # What the last interrupted run left: (kind, committed, last step seen).
   for kind in plan + ['finish']:
     before = committed_steps(workdir)
-    run = Run(command, env)
     record = {'kind': kind, 'committed_before': before[-1] if before else None}
+    damaged = None
+    if kind == 'DAMAGE' and len(before) >= 2:
+      damaged = rng.choice(sorted(CHECKPOINT_DAMAGE))
+      CHECKPOINT_DAMAGE[damaged](os.path.join(workdir, 'checkpoints', str(before[-1])))
+      record['damage'] = damaged
+    run = Run(command, env)
     if kind != 'finish':
-      if rng.random() < args.start_fraction:  # Any moment from the process start.
+      # Damage runs are interrupted only once training runs, so their fallback has happened.
+      if kind != 'DAMAGE' and rng.random() < args.start_fraction:  # From the process start.
         record['moment'] = 'from start'
         delay = rng.uniform(0.5, args.max_delay)
       else:  # A moment of training: after the first step, when saves are in flight too.
@@ -151,7 +167,7 @@ def main() -> int:
       try:
         run.finish(timeout=max(0.0, delay - (time.monotonic() - run.start)))
       except subprocess.TimeoutExpired:
-        run.proc.send_signal(getattr(signal, kind))
+        run.proc.send_signal(signal.SIGTERM if kind == 'SIGTERM' else signal.SIGKILL)
     code = run.finish(timeout=600)
     record['exit_code'] = code
     resumed = run.matches(RESUMED)
@@ -165,8 +181,19 @@ def main() -> int:
       failures.append(f'run {len(records)} ({kind}): {message}')
       print('FAIL', failures[-1], '\n', run.tail(), flush=True)
 
-    # Every restart resumes from the newest committed checkpoint, complete.
+    # Every restart resumes from the newest committed checkpoint that restores, complete.
     expected = before[-1] if before else None
+    record['fell_back_from'] = (run.matches(FELL_BACK) or [None])[0]
+    if damaged:
+      # Orbax may not need a removed state/_METADATA: then the verified newest step is fine.
+      benign = damaged == 'missing state/_METADATA' and record['fell_back_from'] is None
+      expected = before[-1] if benign else before[-2]
+      moved = os.path.join(workdir, 'damaged_checkpoints', str(before[-1]))
+      if not benign and (record['compiled'] or kind == 'finish'):
+        if record['fell_back_from'] != before[-1]:
+          fail(f'damage ({damaged}) of step {before[-1]} was not reported')
+        if not os.path.isdir(moved):
+          fail(f'the damaged step {before[-1]} was not moved to {moved}')
     if record['resumed_from'] != expected and (expected is not None or resumed):
       if record['compiled'] or kind == 'finish':
         fail(f'resumed from {record["resumed_from"]}, the latest committed step was {expected}')
@@ -175,8 +202,10 @@ def main() -> int:
       record['steps_lost_by_previous'] = max(lost, 0)
       if previous['kind'] == 'SIGTERM' and previous['exit_code'] == 0 and lost > 0:
         fail(f'SIGTERM lost {lost} steps')
-      if previous['kind'] == 'SIGKILL' and lost > 2 * args.every:
+      if previous['kind'] in ('SIGKILL', 'DAMAGE') and lost > 2 * args.every and not damaged:
         fail(f'SIGKILL lost {lost} steps, more than two save intervals')
+      if damaged and lost > 3 * args.every:  # Plus the damaged step's interval.
+        fail(f'damage lost {lost} steps, more than three save intervals')
     if kind == 'SIGTERM' and code not in (0, None):
       # SIGTERM before the handler is installed (imports) kills like SIGKILL: allowed, counted.
       record['terminated_before_handler'] = code == -signal.SIGTERM
@@ -190,7 +219,7 @@ def main() -> int:
       if stopped and (not after or after[-1] != stopped[0]):
         fail(f'stopped at step {stopped[0]} but the latest checkpoint is {after[-1:]}')
       record['stopped_at'] = stopped[0] if stopped else None
-    if kind == 'SIGKILL' and code not in (-signal.SIGKILL, 0):
+    if kind in ('SIGKILL', 'DAMAGE') and code not in (-signal.SIGKILL, 0):
       fail(f'exit code {code}')
     if kind == 'finish' and code != 0:
       fail(f'the final run failed with {code}')
@@ -219,6 +248,7 @@ def main() -> int:
     failures.append(f'final params differ from the uninterrupted run (max |diff| {max_diff:g})')
 
   kills = [r for r in records if r['kind'] == 'SIGKILL']
+  damages = [r for r in records if r.get('damage')]
   terms = [r for r in records if r['kind'] == 'SIGTERM']
   lost_after_kill = [r.get('steps_lost_by_previous', 0) for r, p in zip(records[1:], records)
                      if p['kind'] == 'SIGKILL' and r.get('steps_lost_by_previous') is not None]
@@ -237,6 +267,9 @@ def main() -> int:
       'save_interval': args.every,
       'max_steps_lost_after_sigterm': max(lost_after_term, default=0),
       'partial_saves_seen': sum(bool(r['partial_saves_left']) for r in records),
+      'checkpoint_damages': len(damages),
+      'damage_kinds': sorted({r['damage'] for r in damages}),
+      'fallbacks_to_the_previous_step': sum(r['fell_back_from'] is not None for r in damages),
       'final_step': committed_steps(workdir)[-1:],
       'final_params_bitwise_equal': identical,
       'wall_min': round((time.monotonic() - started) / 60, 1),

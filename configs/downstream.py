@@ -145,7 +145,11 @@ def build(task: str, head_kind: str, preset: str,
 
   c.mesh = base.mesh
   c.logical_rules = base.logical_rules
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=2, async_save=True))
+  # As in pretraining (configs/pretrain.py): checksum failures fall back unless strict, and
+  # allow_changes names the guarded fields a resume may change.
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=2, async_save=True,
+                                                strict=False))
+  c.allow_changes = ''
   c.log_every_steps = 50
   c.peak_tflops_per_device = 0.0
 

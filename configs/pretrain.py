@@ -137,6 +137,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 1_000
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
+  # A resume whose newest step cannot be read or fails its checksums falls back to the newest
+  # step that verifies (moving the damaged one to <workdir>/damaged_checkpoints/); True refuses.
+  c.checkpoint.strict = False
+  # Comma-separated fields a resume may change although they change what is optimised or the
+  # optimiser state (mae_jax.trainers.resume.GUARDED), e.g. 'total_steps,optim.base_lr'.
+  c.allow_changes = ''
 
   c.log_every_steps = 50
   c.image_every_steps = 5_000

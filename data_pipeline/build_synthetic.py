@@ -6,13 +6,15 @@ r"""Builds the embedded synthetic Sentinel-1-like dataset as pre-sharded TFRecor
 Tiles come from :mod:`data_pipeline.synthetic` (deterministic in --seed and the tile index);
 splits use disjoint index ranges. The writer (:mod:`data_pipeline.writer`) is the one real data
 uses: shards are written in parallel (--workers), an interrupted build resumes when run again,
-and TFDS opens the folder only once it is complete.
+TFDS opens the folder only once it is complete, and --overwrite replaces only a dataset the
+writer made, once the new one is complete.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 
 from absl import app
@@ -30,7 +32,9 @@ _TEST = flags.DEFINE_integer('test', 128, 'Test tiles.')
 _NUM_SHARDS = flags.DEFINE_integer('num_shards', 8, 'Files per split (multiple of host_count).')
 _HOST_COUNT = flags.DEFINE_integer('host_count', 1, 'Hosts that will read the dataset.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Generator seed.')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing dataset.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing dataset made by this '
+                               'writer (built beside it, swapped in once complete; other '
+                               'folders are refused).')
 _SKIP_EXISTING = flags.DEFINE_bool('skip_existing', False,
                                    'Do nothing if a complete dataset already exists there.')
 _WORKERS = flags.DEFINE_integer(
@@ -80,9 +84,13 @@ def main(argv):
     print(f'{output} already exists; nothing to do.')
     return
   t0 = time.perf_counter()
-  contract = build(output, _TILE_SIZE.value, _TRAIN.value, _VALIDATION.value, _TEST.value,
-                   _NUM_SHARDS.value, _HOST_COUNT.value, _SEED.value, _OVERWRITE.value,
-                   workers=_WORKERS.value, progress=True)
+  try:
+    contract = build(output, _TILE_SIZE.value, _TRAIN.value, _VALIDATION.value, _TEST.value,
+                     _NUM_SHARDS.value, _HOST_COUNT.value, _SEED.value, _OVERWRITE.value,
+                     workers=_WORKERS.value, progress=True)
+  except (FileExistsError, PermissionError) as e:  # The output folder: the message says it.
+    print(f'data_pipeline.build_synthetic: error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
   total = _TRAIN.value + _VALIDATION.value + _TEST.value
   elapsed = time.perf_counter() - t0
   print(f'Wrote {total} tiles of {_TILE_SIZE.value} px to {output} in {elapsed:.1f} s '

@@ -16,30 +16,44 @@ why a unit gave no tile). Then:
     done: running the build again skips it, so an interrupted build resumes where it stopped;
   * when every shard is done, the per-channel mean/std of the training split (over valid pixels
     of the stored float16 values) go into the :class:`schema.InputContract` in the TFDS metadata,
-    and ``dataset_info.json`` is written last: until then no TFDS reader opens the folder.
+    and ``dataset_info.json`` is written last: until then no TFDS reader opens the folder;
+  * an existing folder is replaced only with ``overwrite`` (``--overwrite``) and only if the
+    writer made it; the new dataset is built beside it and swapped in once complete
+    (:mod:`data_pipeline.replace`), so a failed build leaves the old one as it was.
 
 Read it back with ``tfds.builder_from_directory(path)``.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
+import functools
 import json
-import multiprocessing
 import os
-import shutil
+import re
 import uuid
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from data_pipeline import atomic
+from data_pipeline import replace
 from data_pipeline import schema
+from data_pipeline import worker_pool
 
 DATASET_NAME = 's1_tiles'
 VERSION = '1.0.0'
 BUILD_FILE = 'build.json'  # Parameters of an unfinished build, to refuse resuming another one.
+INFO_FILE = 'dataset_info.json'  # Written last: the dataset is complete.
+SPLIT_MAP = 'split_map.png'  # data_pipeline.ingest.build's map of the planned tiles.
+INSPECT_DIR = 'inspect'  # data_pipeline.ingest.inspect's default output folder.
+WHAT = 'a dataset made by data_pipeline.writer'  # For messages: what --overwrite replaces.
+# Every file a build leaves in its folder: TFDS metadata, shards, their sidecars and temporary
+# names (writer and data_pipeline.atomic), the build parameters and the split map.
+_OWN_FILE = re.compile(
+    '|'.join(map(re.escape, (INFO_FILE, 'features.json', 'metadata.json', BUILD_FILE, SPLIT_MAP)))
+    + rf'|\w+\.labels\.txt|{DATASET_NAME}-\w+\.tfrecord-\d{{5}}-of-\d{{5}}'
+    r'(\.json|\.incomplete-[0-9a-f]{8})?|\..+\.\d+\.[0-9a-f]{32}\.tmp')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +220,7 @@ def build_dataset(output_dir: str, units_by_split: Mapping[str, Sequence[Any]],
                   num_shards: int = 8, host_count: int = 1, workers: int = 1,
                   description: str = '', overwrite: bool = False, progress: bool = False,
                   statistics_by_region: bool = False,
+                  extra_files: Callable[[str], None] | None = None,
                   ) -> tuple[schema.InputContract, dict[str, Any]]:
   """Builds (or resumes building) a dataset; returns (contract with statistics, report).
 
@@ -213,9 +228,14 @@ def build_dataset(output_dir: str, units_by_split: Mapping[str, Sequence[Any]],
   ``functools.partial`` of one). The report gives examples and skip counts per split. With
   ``statistics_by_region`` the training split's per-channel mean / std of each region also go
   into the metadata (``statistics_by_region``) and the report, for per-area normalisation.
-  """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  ``extra_files(folder)`` writes the caller's own files (e.g. :data:`SPLIT_MAP`) into the
+  folder being built, after the shards and before the metadata that completes it.
 
+  An existing ``output_dir`` (see :func:`check_output`): an unfinished build of the same
+  units, shards and contract is resumed in place; with ``overwrite`` a dataset the writer made
+  (finished or not) is replaced by a new one built beside it (``.<name>.tmp-<random>``) and
+  swapped in once complete, so a failed build leaves the old one as it was.
+  """
   if num_shards % host_count:
     raise ValueError(f'num_shards {num_shards} must be a multiple of host_count {host_count} '
                      'so that every host reads whole files')
@@ -228,19 +248,73 @@ def build_dataset(output_dir: str, units_by_split: Mapping[str, Sequence[Any]],
                        'shards')
   output_dir = os.path.abspath(output_dir)
   fingerprint = _build_fingerprint(units_by_split, num_shards, contract)
-  build_file = os.path.join(output_dir, BUILD_FILE)
-  if os.path.exists(os.path.join(output_dir, 'dataset_info.json')) or (
-      os.path.exists(output_dir) and not os.path.exists(build_file) and os.listdir(output_dir)):
+  check = functools.partial(check_output, output_dir, overwrite, fingerprint)
+  build = functools.partial(
+      _build, units_by_split=units_by_split, make_examples=make_examples, contract=contract,
+      fingerprint=fingerprint, num_shards=num_shards, workers=workers, description=description,
+      progress=progress, name=os.path.basename(output_dir),
+      statistics_by_region=statistics_by_region, extra_files=extra_files)
+  if not check():
+    return build(output_dir)
+  with replace.written_aside(output_dir, check=check) as tmp:
+    return build(tmp)
+
+
+def _is_own(folder: str, name: str) -> bool:
+  """Whether ``name`` in ``folder`` is one the writer (or a build around it) writes."""
+  path = os.path.join(folder, name)
+  if name == INSPECT_DIR and os.path.isdir(path):
+    # data_pipeline.ingest.inspect's default output: PNGs and a report of this dataset.
+    return all(re.fullmatch(r'tiles_\w+\.png|report\.txt|\..+\.tmp', n) and
+               os.path.isfile(os.path.join(path, n)) for n in os.listdir(path))
+  return os.path.isfile(path) and bool(_OWN_FILE.fullmatch(name))
+
+
+def _unrecognised(folder: str) -> list[str]:
+  """Entries of ``folder`` the writer does not make; all of them unless it holds its marker
+  (``dataset_info.json`` of a finished dataset or ``build.json`` of an unfinished one)."""
+  if not {INFO_FILE, BUILD_FILE} & set(os.listdir(folder)):
+    return replace.unrecognised_entries(folder, lambda *_: False)
+  return replace.unrecognised_entries(folder, _is_own)
+
+
+def check_output(output_dir: str, overwrite: bool = False,
+                 fingerprint: dict[str, Any] | None = None) -> bool:
+  """Checks ``output_dir`` before anything is written; returns whether to build aside and
+  replace it (True) or to build (or resume) in place (False).
+
+  A missing or empty folder is built in place. A folder holding anything but a dataset the
+  writer made (finished, or an unfinished build) is refused, ``overwrite`` or not; so is a
+  finished dataset without ``overwrite``, and an unfinished build with another
+  ``fingerprint`` (None: not known yet, so any may be resumed). A read-only folder is refused.
+  """
+  output_dir = os.path.abspath(output_dir)
+  if not os.path.lexists(output_dir) or (os.path.isdir(output_dir)
+                                         and not os.listdir(output_dir)):
+    replace.check_writable(output_dir)
+    return False
+  replace.check_replaceable(output_dir, WHAT, _unrecognised)
+  if os.path.exists(os.path.join(output_dir, INFO_FILE)):
     if not overwrite:
-      raise FileExistsError(f'{output_dir} exists; pass overwrite=True to replace it')
-    shutil.rmtree(output_dir)
-  if os.path.exists(build_file):
-    with open(build_file) as f:
-      if json.load(f) != fingerprint and not overwrite:
+      raise FileExistsError(f'{output_dir} exists; {replace.PASS_OVERWRITE} to replace it')
+  else:  # An unfinished build: resumed if it is the same one.
+    with open(os.path.join(output_dir, BUILD_FILE)) as f:
+      same = fingerprint is None or json.load(f) == fingerprint
+    if not overwrite:
+      if not same:
         raise ValueError(f'{output_dir} holds an unfinished build with other units, shards or '
-                         'contract; pass overwrite=True to start again')
-      if overwrite:
-        shutil.rmtree(output_dir)
+                         f'contract; {replace.PASS_OVERWRITE} to start again')
+      replace.check_writable(output_dir)
+      return False
+  replace.check_writable(output_dir, replacing=True)
+  return True
+
+
+def _build(output_dir: str, *, units_by_split, make_examples, contract, fingerprint, num_shards,
+           workers, description, progress, name, statistics_by_region, extra_files):
+  """Builds (or resumes) the dataset in ``output_dir``; see :func:`build_dataset`."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  build_file = os.path.join(output_dir, BUILD_FILE)
   os.makedirs(output_dir, exist_ok=True)
   atomic.write_bytes(build_file, json.dumps(fingerprint).encode())
 
@@ -253,16 +327,15 @@ def build_dataset(output_dir: str, units_by_split: Mapping[str, Sequence[Any]],
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm.tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit='shard',
-                    desc=os.path.basename(output_dir))
+                    desc=name)
   if workers > 1 and len(todo) > 1:
-    # spawn, not fork: TensorFlow's threads do not survive a fork.
-    context = multiprocessing.get_context('spawn')
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-      futures = {pool.submit(_write_shard, job, make_examples): job for job in todo}
-      for future in concurrent.futures.as_completed(futures):
-        sidecars[futures[future]] = future.result()
-        if bar:
-          bar.update()
+    def finished(job, sidecar):
+      sidecars[job] = sidecar
+      if bar:
+        bar.update()
+    # Ctrl-C stops the workers as well, and no queued shard starts (see worker_pool).
+    worker_pool.run(functools.partial(_write_shard, make_examples=make_examples), todo,
+                    workers, finished)
   else:
     for job in todo:
       sidecars[job] = _write_shard(job, make_examples)
@@ -303,6 +376,8 @@ def build_dataset(output_dir: str, units_by_split: Mapping[str, Sequence[Any]],
                            'std': [v if np.isfinite(v) else None for v in std.tolist()],
                            'valid_values': values.count.tolist()}
     metadata['statistics_by_region'] = report['statistics_by_region'] = by_region
+  if extra_files:
+    extra_files(output_dir)
   features = schema.tfds_features(contract.tile_size, contract.num_channels)
   tfds.folder_dataset.write_metadata(
       data_dir=output_dir, features=features, split_infos=split_infos,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -99,3 +100,40 @@ def check_process_rows(batch_sharding: Any, batch_size: int, process_count: int)
                       f'global batch of {batch_size}, but each of the {process_count} processes '
                       f'feeds {batch_size // process_count}; make the batch axes (data x fsdp) a '
                       'multiple of the process count')
+
+
+def _number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_training(config: Any) -> None:
+  """The optimiser and the loop's intervals: values that would train the wrong thing without a
+  word (a negative or NaN learning rate: gradient ascent or NaN params) or crash after
+  compilation (an interval of 0)."""
+  optim = config.optim
+  rules = [('base_lr', lambda v: v > 0, 'a finite number > 0'),
+           ('end_lr', lambda v: v >= 0, 'a finite number >= 0'),
+           ('warmup_steps', lambda v: v >= 0, 'a finite number >= 0'),
+           ('weight_decay', lambda v: v >= 0, 'a finite number >= 0'),
+           ('b1', lambda v: 0 <= v < 1, 'in [0, 1)'),
+           ('b2', lambda v: 0 <= v < 1, 'in [0, 1)'),
+           ('eps', lambda v: v > 0, 'a finite number > 0'),
+           ('grad_clip_norm', lambda v: v >= 0, 'a finite number >= 0 (0 = off)'),
+           ('grad_accum_steps', lambda v: v >= 1 and v == int(v), 'a whole number >= 1'),
+           ('layer_decay', lambda v: 0 < v <= 1, 'in (0, 1] (1 = off)'),
+           ('warmup_epochs', lambda v: v >= 0, 'a finite number >= 0')]
+  for name, ok, wanted in rules:
+    if name in optim and not (_number(optim[name]) and ok(optim[name])):
+      raise ConfigError(f'config.optim.{name}={optim[name]!r} must be {wanted}')
+  intervals = [('checkpoint.every_steps', config.checkpoint.every_steps, 1),
+               ('checkpoint.keep', config.checkpoint.keep, 1),
+               ('log_every_steps', config.log_every_steps, 1)]
+  if 'image_every_steps' in config:
+    intervals.append(('image_every_steps', config.image_every_steps, 1))
+  if 'eval_every_steps' in config:  # 0: once per epoch.
+    intervals.append(('eval_every_steps', config.eval_every_steps, 0))
+  for name, value, least in intervals:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+      hint = (' (keep < 1 would delete every save as it is written)'
+              if name == 'checkpoint.keep' else '')
+      raise ConfigError(f'config.{name}={value!r} must be a whole number >= {least}{hint}')

@@ -78,3 +78,34 @@ def test_mesh_sizes(sizes, message):
 
 def test_mesh_fills_the_free_axis():
   assert sharding.resolve_axis_sizes(dict(data=-1, fsdp=2, tensor=2), 8) == [2, 2, 2]
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('optim.base_lr', -1e-3, r'config\.optim\.base_lr=-0\.001 must be a finite number > 0'),
+    ('optim.base_lr', float('nan'), r'config\.optim\.base_lr=nan must be a finite number > 0'),
+    ('optim.base_lr', 0.0, r'config\.optim\.base_lr=0\.0 must be a finite number > 0'),
+    ('optim.b2', 1.0, r'config\.optim\.b2=1\.0 must be in \[0, 1\)'),
+    ('checkpoint.every_steps', 0, r'config\.checkpoint\.every_steps=0 must be a whole number >= 1'),
+    ('checkpoint.keep', 0, r'config\.checkpoint\.keep=0 .* delete every save'),
+    ('image_every_steps', 0, r'config\.image_every_steps=0 must be a whole number >= 1'),
+    ('log_every_steps', 0, r'config\.log_every_steps=0 must be a whole number >= 1'),
+])
+def test_values_that_train_the_wrong_thing_or_crash_later_are_refused(tiny_config, tmp_path,
+                                                                       field, value, message):
+  section, _, name = field.rpartition('.')
+  (tiny_config[section] if section else tiny_config)[name] = value
+  with pytest.raises(validate.ConfigError, match=message):
+    pretrain.train_and_evaluate(tiny_config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()  # Refused before anything was written.
+
+
+@pytest.mark.parametrize('field, value', [('optim.layer_decay', 0.0), ('optim.warmup_epochs', -1.0),
+                                          ('eval_every_steps', -1), ('optim.base_lr', float('inf'))])
+def test_fine_tuning_values_are_checked_too(field, value):
+  from configs import finetune_vcf  # pylint: disable=g-import-not-at-top
+  config = finetune_vcf.get_config('tiny')
+  validate.check_training(config)
+  section, _, name = field.rpartition('.')
+  (config[section] if section else config)[name] = value
+  with pytest.raises(validate.ConfigError, match=rf'config\.{field}='):
+    validate.check_training(config)

@@ -156,7 +156,7 @@ def test_wrong_band_count_is_refused_with_its_tile(tmp_path):
 
 
 def test_an_existing_dataset_is_not_overwritten_by_accident(tiny_dataset):
-  with pytest.raises(FileExistsError, match='exists; pass overwrite=True'):
+  with pytest.raises(FileExistsError, match=r'exists; pass --overwrite \(overwrite=True\)'):
     build_synthetic.build(tiny_dataset, tile_size=TILE_SIZE, train=64, validation=16, test=16,
                           num_shards=8)
 

@@ -15,6 +15,7 @@ import configs.data.m3leo as m3leo_config
 from data_pipeline.ingest import build
 from data_pipeline.ingest import labels
 from data_pipeline.ingest import m3leo
+from data_pipeline import schema
 from tests import ingest_fixtures as fx
 from tests.test_ingest_geotiff import config_for
 from tests.test_ingest_geotiff import write_acquisitions
@@ -98,3 +99,36 @@ def test_label_chip_crs_mismatch_fails_mid_build_without_a_dataset(tmp_path):
                      rf'.*{train_id}\.tif is in EPSG:4326'):
     build.build(config, str(tmp_path / 'ds'))
   assert_nothing_readable(tmp_path / 'ds')
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'num_shards': 4}, r"split '\w+' has too few tiles \(\d\) for config.num_shards = 4 \(a "
+     r'shard needs at least one\): set --config.num_shards=\d or less; or cut more tiles with '
+     r'a smaller --config.tile_size \(now 32\)'),
+    ({'num_shards': 3, 'host_count': 2}, r'config.num_shards = 3 must be a positive multiple of '
+     r'config.host_count = 2, .*: set --config.num_shards=2 or --config.num_shards=4'),
+    ({'tile_size': 0}, r'config.tile_size must be a positive number of pixels, got 0 '
+     r'\(--config.tile_size=...\)'),
+], ids=['too many shards', 'shards per host', 'tile size'])
+def test_shard_and_tile_size_errors_name_the_flag(tmp_path, overrides, message):
+  # A 2 x 3 tile composite: 6 tiles of 32 px over the three splits.
+  path = fx.write_tif(tmp_path / 'c.tif', np.full((8, 64, 96), -12, np.float32) +
+                      np.arange(64 * 96, dtype=np.float32).reshape(64, 96) / 1e3,
+                      fx.utm_transform(), descriptions=[f'{p}_{s}' for p in ('VV', 'VH')
+                                                        for s in schema.SEASONS])
+  with pytest.raises(ValueError, match=message):
+    build.build(config_for(path, kind='composites', **overrides), str(tmp_path / 'ds'))
+  assert not (tmp_path / 'ds').exists()
+
+
+def test_chip_size_other_than_the_tile_size_stops_while_planning(tmp_path):
+  aoi, _ = _build_area(tmp_path)
+  config = m3leo_config.get_config()
+  config.areas[0].dir = str(aoi)
+  config.num_shards = 1
+  assert config.tile_size != SIZE
+  with pytest.raises(ValueError, match=rf'{CHIPS[0][0]}\.tif: chip is {SIZE} x {SIZE} px, '
+                     rf'config.tile_size is {config.tile_size}; set --config.tile_size={SIZE}'):
+    build.build(config, str(tmp_path / 'ds'))
+  # Nothing written: the corrected command needs no --overwrite.
+  assert not (tmp_path / 'ds').exists()

@@ -56,13 +56,14 @@ def _ee_export(tmp_path, composites, compression):
                       matrix=list(fx.utm_transform())[:6], dims=(TILE, TILE))
 
 
-def _ee_build(tmp_path, prefix, worldcover, vcf, name='ee'):
+def _ee_build(tmp_path, prefix, worldcover, vcf, name='ee', **overrides):
   config = ee_config.get_config()
   config.areas[0].prefix = prefix
   config.fill_value = FILL
   config.tile_size = TILE
   config.num_shards = 1
   config.worldcover, config.vcf = worldcover, vcf
+  config.update(overrides)
   return build.build(config, str(tmp_path / name))
 
 
@@ -126,3 +127,29 @@ def test_truncated_export_shard_names_the_file(tmp_path, composites):
   with pytest.raises(ee_export.ExportError, match=r's1-00000\.tfrecord'):
     _ee_build(tmp_path, prefix, '', '')
   assert not (tmp_path / 'ee').exists()
+
+
+def test_wrong_band_names_stop_before_writing_and_the_fixed_rerun_builds(tmp_path, composites):
+  patches = [np.moveaxis(composites[:, r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE], 0, -1)
+             for r in range(ROWS) for c in range(COLS)]
+  names = [f'{name}_median' for name in BAND_NAMES]  # Not the config's default names.
+  (tmp_path / 'export').mkdir()
+  prefix = write_export(tmp_path / 'export', np.nan_to_num(np.stack(patches), nan=FILL),
+                        name='s1', bands=names, shard_sizes=[5, 7], patches_per_row=COLS,
+                        matrix=list(fx.utm_transform())[:6], dims=(TILE, TILE))
+  with pytest.raises(ee_export.ExportError, match=r"s1-00000\.tfrecord\.gz.*: missing band "
+                     r"feature 'VV_winter'; the record has \['VH_fall_median'") as error:
+    _ee_build(tmp_path, prefix, '', '')
+  assert not (tmp_path / 'ee').exists()  # Nothing written: the rerun needs no --overwrite.
+  assert 'record 0 (patch 0)' in str(error.value)
+  assert '--config.bands.vv_winter=' in str(error.value)
+  bands = {key: f'{key[:2].upper()}{key[2:]}_median' for key in ee_config.get_config().bands}
+  _, report = _ee_build(tmp_path, prefix, '', '', bands=bands)
+  assert sum(report[split]['examples'] for split in schema.SPLITS) == ROWS * COLS - 1
+
+
+def test_patch_size_other_than_the_tile_size_names_the_flag(tmp_path, composites):
+  prefix = _ee_export(tmp_path, composites, 'GZIP')
+  with pytest.raises(ValueError, match=rf'patches are {TILE} x {TILE} px but config.tile_size is '
+                     rf'32; set --config.tile_size={TILE} or export with patchDimensions'):
+    _ee_build(tmp_path, prefix, '', '', tile_size=32)

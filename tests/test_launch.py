@@ -269,6 +269,23 @@ def test_help_documents_every_subcommand(fakes, flag):
     (['local'], "'local' needs the number of processes"),
     (['local', '0'], 'must be a positive integer'),
     (['local', '2', '--devices-per-process', 'x'], '--devices-per-process must be'),
+    # Values written into the sbatch script or a remote command: a newline would end the
+    # #SBATCH block (or the command) and start a line of shell.
+    *[(['slurm', '--nodes', '1', '--gpus-per-node', '1', option, value, '--', *GS_ARGS],
+       f'option {option} must not contain control characters')
+      for option, value in [('--partition', 'gpu\nhostname'), ('--time', '1:00:00\nhostname'),
+                            ('--account', 'acct\n#SBATCH --wrap=x'),
+                            ('--script-dir', 'jobs\nx')]],
+    (['tpu', 'run', '--name', 'n', '--zone', 'z', '--log', 'x\n', '--', *GS_ARGS],
+     'option --log must not contain control characters'),
+    (['slurm', '--nodes', '1', '--gpus-per-node', '1', '--partition', 'gpu #1', '--', *GS_ARGS],
+     "--partition must not contain whitespace, quotes, '\\' or '#'"),
+    (['slurm', '--nodes', '1', '--gpus-per-node', '1', '--account', 'a"b', '--', *GS_ARGS],
+     "--account must not contain whitespace, quotes, '\\' or '#'"),
+    (['slurm', '--nodes', '1', '--gpus-per-node', '1', '--time', '1 day', '--', *GS_ARGS],
+     '--time must be a SLURM time limit'),
+    (['slurm', '--nodes', '1', '--gpus-per-node', '1', '--script-dir', 'a\\b', '--', *GS_ARGS],
+     "--script-dir: the job output folder must not contain '\\'"),
 ])
 def test_usage_errors_exit_2(fakes, args, message):
   result = fakes.launch(*args)
@@ -579,6 +596,54 @@ def test_slurm_writes_and_submits_the_script(fakes, tmp_path):
   # A second submission within the same second gets its own file.
   ok(fakes.launch('slurm', *SLURM_ARGS, '--script-dir', 'jobs', '--', *PY_ARGS))
   assert len(list((tmp_path / 'jobs').glob('*.sbatch'))) == 2
+
+
+def sbatch_options(script):
+  """The options of a script's #SBATCH lines as sbatch reads them (its _get_argument): words
+  end at whitespace, quotes group, a backslash escapes, an unquoted '#' starts a comment."""
+  options = []
+  for line in script.splitlines():
+    if not line.startswith('#SBATCH'):
+      continue
+    word, quote, escape, started = '', None, False, False
+    for char in line[len('#SBATCH'):]:
+      if escape:
+        word, escape = word + char, False
+      elif char == '\\':
+        escape = started = True
+      elif quote:
+        if char == quote:
+          quote = None
+        else:
+          word += char
+      elif char in '"\'':
+        quote, started = char, True
+      elif char == '#':
+        break
+      elif char.isspace():
+        if started:
+          options.append(word)
+        word, started = '', False
+      else:
+        word, started = word + char, True
+    assert quote is None, f'unmatched quote: {line}'
+    if started:
+      options.append(word)
+  return options
+
+
+def test_slurm_paths_with_spaces_are_quoted_for_sbatch(fakes, tmp_path):
+  cwd = tmp_path / 'my runs'
+  cwd.mkdir()
+  ok(fakes.launch('slurm', '--nodes', '1', '--gpus-per-node', '1', '--script-dir',
+                  'jobs 100% "done"', '--', *PY_ARGS, cwd=cwd))
+  (call,) = fakes.calls()
+  assert Path(call[1]).parent == cwd / 'jobs 100% "done"'
+  options = sbatch_options(Path(call[1]).read_text())
+  # A literal % is %% in sbatch's file name patterns; %x-%j stay the job name and id.
+  assert f'--output={cwd}/jobs 100%% "done"/%x-%j.out' in options
+  assert f'--chdir={cwd}' in options
+  assert options[:2] == ['--job-name=mae_jax', '--nodes=1']
 
 
 def run_batch_script(fakes, script, extra_env=None):

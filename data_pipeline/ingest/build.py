@@ -14,13 +14,16 @@ parallel worker processes, resumably. Afterwards ``split_map.png`` in the output
 shows every planned tile's centre coloured by split (including tiles later skipped for too little
 valid data). Bad input stops the build with an error naming the
 file; finished shards stay for a resume and no TFDS metadata is written, so no reader ever opens
-a half-built dataset.
+a half-built dataset. ``--overwrite`` replaces only a dataset the writer made (never a folder
+holding other files): the new one is built beside it and swapped in once complete, so a failed
+build leaves the old dataset as it was (and its temporary folder is deleted).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import sys
 import time
 
 from absl import app
@@ -33,7 +36,7 @@ from data_pipeline.ingest import splits
 from data_pipeline import writer
 
 SOURCES = ('m3leo', 'geotiff', 'earth_engine')
-SPLIT_MAP = 'split_map.png'
+SPLIT_MAP = writer.SPLIT_MAP
 
 
 def plan(config):
@@ -45,21 +48,27 @@ def plan(config):
 
 
 def build(config, output: str, overwrite: bool = False, progress: bool = False):
-  """Builds the dataset of ``config`` into ``output``; returns (contract, report)."""
+  """Builds the dataset of ``config`` into ``output``; returns (contract, report).
+
+  ``output`` is checked first (a foreign or read-only folder, or a dataset without
+  ``overwrite``, stops the build before planning); see :func:`writer.build_dataset`.
+  """
+  writer.check_output(output, overwrite)
   build_plan = plan(config)
   if not build_plan.units:
     raise ValueError(f'config gives no tiles at all (left out: {build_plan.left_out})')
+  lon = [v for split in schema.SPLITS for v in build_plan.centres.get(split, ([], []))[0]]
+  lat = [v for split in schema.SPLITS for v in build_plan.centres.get(split, ([], []))[1]]
+  names = [split for split in schema.SPLITS for _ in build_plan.centres.get(split, ([], []))[0]]
+  title = f'{os.path.basename(os.path.abspath(output))}: tiles by split'
   contract, report = writer.build_dataset(
       output, build_plan.units, build_plan.make_examples, build_plan.contract,
       num_shards=config.num_shards, host_count=config.host_count, workers=config.workers,
       overwrite=overwrite, progress=progress, description=build_plan.description,
-      statistics_by_region=config.get('statistics_by_region', False))
+      statistics_by_region=config.get('statistics_by_region', False),
+      extra_files=lambda folder: splits.split_map_png(os.path.join(folder, SPLIT_MAP), lon, lat,
+                                                      names, title=title))
   report['left_out'] = build_plan.left_out
-  lon = [v for split in schema.SPLITS for v in build_plan.centres.get(split, ([], []))[0]]
-  lat = [v for split in schema.SPLITS for v in build_plan.centres.get(split, ([], []))[1]]
-  names = [split for split in schema.SPLITS for _ in build_plan.centres.get(split, ([], []))[0]]
-  splits.split_map_png(os.path.join(output, SPLIT_MAP), lon, lat, names,
-                       title=f'{os.path.basename(os.path.abspath(output))}: tiles by split')
   return contract, report
 
 
@@ -71,7 +80,12 @@ def main(argv):
   from data_pipeline import input as data_input  # pylint: disable=g-import-not-at-top
   data_input.configure_tensorflow()
   t0 = time.perf_counter()
-  _, report = build(flags.FLAGS.config, flags.FLAGS.output, flags.FLAGS.overwrite, progress=True)
+  try:
+    _, report = build(flags.FLAGS.config, flags.FLAGS.output, flags.FLAGS.overwrite,
+                      progress=True)
+  except (FileExistsError, PermissionError) as e:  # The output folder: the message says it.
+    print(f'data_pipeline.ingest.build: error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
   tiles = sum(v['examples'] for k, v in report.items() if k in schema.SPLITS)
   elapsed = time.perf_counter() - t0
   print(f'Wrote {tiles} tiles to {flags.FLAGS.output} in {elapsed:.1f} s '
@@ -81,6 +95,7 @@ def main(argv):
 if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', None, 'configs/data/<file>.py', lock_config=True)
   flags.DEFINE_string('output', None, 'Dataset folder to create (or to resume).')
-  flags.DEFINE_bool('overwrite', False, 'Replace an existing dataset.')
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing dataset made by this writer '
+                    '(built beside it, swapped in once complete; other folders are refused).')
   flags.mark_flags_as_required(['config', 'output'])
   app.run(main)

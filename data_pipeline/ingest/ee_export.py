@@ -361,6 +361,42 @@ def count_records(file: str | os.PathLike, compression: str = 'auto') -> int:
   return count
 
 
+def check_bands(file: str | os.PathLike, mixer: Mixer, first_index: int,
+                band_names: Mapping[str, str] | Sequence[str], kernel_size: int = 1,
+                compression: str = 'auto') -> None:
+  """Checks the first record of one shard for every band, each with a patch's number of values.
+
+  For planning: a band name or kernel size that does not match the export then stops a build
+  before anything is written, rather than at the first record read while writing. Arguments
+  as :func:`read_shard`. An empty shard passes.
+
+  Raises:
+    ExportError: Naming the file and the record: a missing band (with the bands the record
+      has), a band of another type or size (with the kernel size its size fits, if one does),
+      or a record that cannot be read or is not a tf.train.Example.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  file = os.fspath(file)
+  sources, _ = _band_mapping(band_names)
+  margin = int(kernel_size) // 2
+  where = f'{file}: record 0 (patch {first_index})'
+  try:
+    raw = next(iter(tf.data.TFRecordDataset(
+        file, compression_type=_file_compression(file, compression)).take(1)), None)
+  except tf.errors.OpError as err:
+    raise ExportError(f'{where} could not be read ({_tf_message(err)})') from err
+  if raw is None:
+    return
+  try:
+    example = tf.train.Example.FromString(raw.numpy())
+  except Exception as err:  # pylint: disable=broad-except
+    raise ExportError(f'{where}: not a valid tf.train.Example ({err})') from None
+  problem = _band_problem(example, list(sources), mixer.patch_height + 2 * margin,
+                          mixer.patch_width + 2 * margin, margin)
+  if problem:
+    raise ExportError(f'{where}: {problem}')
+
+
 def _iter_file(file: str, mixer: Mixer, mixer_file: str, parse, first_index: int,
                sources: list[str], outputs: tuple[str, ...], margin: int, keep_margin: bool,
                compression: str, records: Sequence[int] | None = None):
@@ -478,21 +514,29 @@ def _diagnose(where: str, file: str, compression: str, record: int, sources: lis
   except Exception:  # pylint: disable=broad-except
     # The raw bytes are not an Example (or cannot be reread): TensorFlow's message is the best.
     return f'{where}: not a valid tf.train.Example ({_tf_message(err)})'
+  problem = _band_problem(example, sources, height, width, margin)
+  if problem is None:
+    problem = f'could not be parsed ({_tf_message(err)})'
+  return f'{where}: {problem}'
+
+
+def _band_problem(example, sources: list[str], height: int, width: int,
+                  margin: int) -> str | None:
+  """What is wrong with the bands of a parsed record, in words, or None."""
   features = example.features.feature
   expected = height * width
   for name in sources:
     if name not in features:
-      return (f'{where}: missing band feature {name!r}; the record has '
-              f'{sorted(features)}')
+      return f'missing band feature {name!r}; the record has {sorted(features)}'
     kind = features[name].WhichOneof('kind')
     if kind != 'float_list':
-      return f'{where}: band {name!r} is a {kind}, expected a float_list'
+      return f'band {name!r} is a {kind}, expected a float_list'
     count = len(features[name].float_list.value)
     if count != expected:
-      return (f'{where}: band {name!r} has {count} values, expected {expected} = {height} x '
-              f'{width} (patch size plus a margin of {margin} on each side)'
+      return (f'band {name!r} has {count} values, expected {expected} = {height} x {width} '
+              f'(patch size plus a margin of {margin} on each side)'
               f'{_kernel_hint(count, height - 2 * margin, width - 2 * margin)}')
-  return f'{where}: could not be parsed ({_tf_message(err)})'
+  return None
 
 
 def _kernel_hint(count: int, height: int, width: int) -> str:

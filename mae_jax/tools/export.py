@@ -12,16 +12,19 @@ normalisation statistics a PyTorch user must apply (``(x_dB - mean) / std``, no-
 
 An encoder export sets ``mask_ratio`` to 0, so ``ViTMAEModel`` keeps every patch; it still
 orders them by ``noise`` (pass ``noise=torch.arange(L).expand(B, L)`` for grid order) and
-returns ``ids_restore`` to undo a random order. The folder is written beside ``DIR`` and renamed
-into place, so a failed export leaves nothing; an existing ``DIR`` is replaced only with
-``--overwrite``. ``--config.init_from=DIR`` imports an export back (bitwise the same params).
+returns ``ids_restore`` to undo a random order. The folder is written beside ``DIR`` (as
+``.DIR.tmp-<random>``) and renamed into place, so a failed export leaves nothing and an old
+``DIR`` stays as it was. ``--overwrite`` replaces only a previous export (a folder holding just
+``config.json`` with the ``mae_jax`` entry and ``model.safetensors``, or nothing); a workdir,
+a checkpoint or any other file there is refused, untouched. ``--config.init_from=DIR`` imports
+an export back (bitwise the same params).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import sys
 from typing import Any
 
 import flax
@@ -32,6 +35,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from data_pipeline import replace
 from mae_jax import checkpoint as ckpt_lib
 from mae_jax.models import hf_convert
 from mae_jax.models import mae
@@ -39,6 +43,7 @@ from mae_jax.models import mae
 WEIGHTS_FILE = 'model.safetensors'
 CONFIG_FILE = 'config.json'
 ARCHITECTURES = {'mae': 'ViTMAEForPreTraining', 'encoder': 'ViTMAEModel'}
+WHAT = 'a mae_jax export'  # For messages: what --overwrite replaces.
 
 
 def load_params(path: str, part: str = 'mae', use_best: bool = True):
@@ -79,6 +84,24 @@ def hf_config(model: mae.MaskedAutoencoder, part: str, provenance: dict[str, Any
   return config
 
 
+def unrecognised(path: str) -> list[str]:
+  """What folder ``path`` holds that an export does not write: anything but the two files, and
+  a config.json without the export's ``mae_jax`` entry (e.g. another transformers model's)."""
+  other = replace.unrecognised_entries(
+      path, lambda folder, name: name in (CONFIG_FILE, WEIGHTS_FILE)
+      and os.path.isfile(os.path.join(folder, name)))
+  if other or not os.listdir(path):
+    return other
+  if not os.path.exists(os.path.join(path, CONFIG_FILE)):
+    return [f'{WEIGHTS_FILE} without {CONFIG_FILE}']
+  try:
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+      ours = 'mae_jax' in json.load(f)
+  except (OSError, ValueError, TypeError):
+    ours = False
+  return [] if ours else [f'{CONFIG_FILE} without the "mae_jax" entry']
+
+
 def export(checkpoint: str, output: str, part: str = 'mae', use_best: bool = True,
            overwrite: bool = False) -> str:
   """Writes ``output``/{model.safetensors,config.json}; returns the output folder."""
@@ -89,8 +112,8 @@ def export(checkpoint: str, output: str, part: str = 'mae', use_best: bool = Tru
   parent = os.path.dirname(output)
   if not os.path.isdir(parent):
     raise FileNotFoundError(f'the folder {parent!r} for --output does not exist')
-  if os.path.exists(output) and not overwrite:
-    raise FileExistsError(f'{output!r} exists; pass --overwrite to replace it')
+  check = lambda: replace.check_output(output, overwrite, WHAT, unrecognised)
+  check()
   model, params, metadata, where = load_params(checkpoint, part, use_best)
   state = hf_convert.to_hf_state_dict(model, params, part=part)
   if part == 'encoder':
@@ -100,23 +123,16 @@ def export(checkpoint: str, output: str, part: str = 'mae', use_best: bool = Tru
                 'normalisation': '(x_dB - mean) / std per band, no-data pixels set to 0',
                 'pixel_values_layout': 'NCHW, channels in input_contract band order'}
   config = hf_config(model, part, provenance)
-  tmp = f'{output}.tmp-{os.getpid()}'
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
-    os.makedirs(tmp)
-    safetensors_numpy.save_file({k: np.ascontiguousarray(v) for k, v in state.items()},
-                                os.path.join(tmp, WEIGHTS_FILE), metadata={'format': 'pt'})
+  with replace.written_aside(output, check=check) as tmp:
+    # save() then a plain write, not save_file(): safetensors 0.8 writes a 0600 temporary file
+    # and renames it, so the weights would not get the umask's mode like config.json does.
+    weights = safetensors_numpy.save({k: np.ascontiguousarray(v) for k, v in state.items()},
+                                     metadata={'format': 'pt'})
+    with open(os.path.join(tmp, WEIGHTS_FILE), 'wb') as f:
+      f.write(weights)
+    del weights
     with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
       json.dump(config, f, indent=2, sort_keys=True)
-    if os.path.exists(output):
-      old = f'{output}.old-{os.getpid()}'
-      os.replace(output, old)
-      os.replace(tmp, output)
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, output)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
   return output
 
 
@@ -131,14 +147,19 @@ def define_flags() -> None:
                     "(ViTMAEForPreTraining); 'encoder': the encoder (ViTMAEModel).")
   flags.DEFINE_bool('use_best', True, 'Fine-tuning checkpoints: the weights selected on '
                     'validation loss, not the last step.')
-  flags.DEFINE_bool('overwrite', False, 'Replace an existing --output folder.')
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing --output folder that holds a '
+                    'previous export (nothing else: a workdir or other files are refused).')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  out = export(f.checkpoint, f.output, f.part, f.use_best, f.overwrite)
+  try:
+    out = export(f.checkpoint, f.output, f.part, f.use_best, f.overwrite)
+  except (ValueError, OSError) as e:  # Bad paths, checkpoints or outputs: the message says it.
+    print(f'mae_jax.tools.export: error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
   print(f'Wrote {out}/{WEIGHTS_FILE} and {CONFIG_FILE} '
         f'(transformers.{ARCHITECTURES[f.part]}.from_pretrained)', flush=True)
 

@@ -21,6 +21,7 @@ import collections
 import functools
 import json
 import math
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -46,6 +47,7 @@ from mae_jax.models import downstream
 from mae_jax.trainers import evaluate
 from mae_jax.trainers import loop
 from mae_jax.trainers import pretrain as pretrain_lib
+from mae_jax.trainers import resume
 
 # Fields of config.model that decide the encoder's param shapes (the decoder is not restored).
 ENCODER_ARCHITECTURE_FIELDS = ('image_size', 'patch_size', 'num_channels', 'encoder',
@@ -232,9 +234,16 @@ def setup_state(config, model, tx, mesh, rules, checkpointer, contract, data_lay
   Call under ``jax.set_mesh(mesh)`` and the logical rules.
   """
   abstract_state, state_sharding = state_shardings(model, tx, mesh, rules)
-  latest = checkpointer.latest_step() if checkpointer else None
+  restored = None
+  if checkpointer:
+    restored = resume.restore_newest(
+        checkpointer, ckpt_lib.abstract_like(abstract_state, state_sharding),
+        functools.partial(resume.check_same_run, architecture=finetune_architecture(config),
+                          data_layout=data_layout, config=config, report=loop.report),
+        strict=config.checkpoint.strict, workdir=os.path.dirname(checkpointer.directory),
+        report=loop.report)
   init_from = None
-  if latest is None:
+  if restored is None:
     state = create_state(model, tx, jax.random.key(config.seed), state_sharding, cache)
     params = None
     if config.init_checkpoint and config.init_from:
@@ -260,19 +269,10 @@ def setup_state(config, model, tx, mesh, rules, checkpointer, contract, data_lay
       best_params = jax.tree.map(jnp.copy, params)
       state = {**state, 'params': params, 'best': {**state['best'], 'params': best_params}}
   else:
-    saved = checkpointer.restore_metadata(latest)
-    diffs = ckpt_lib.architecture_differences(saved.get('architecture', {}),
-                                              finetune_architecture(config))
-    if diffs:
-      raise ValueError(f'checkpoint {checkpointer.directory}/{latest} was written by another '
-                       'model: ' + '; '.join(diffs))
-    loop.check_data_layout(saved.get('data_layout'), data_layout, config.dataset,
-                                   f'{checkpointer.directory}/{latest}')
-    state, saved = checkpointer.restore(latest, ckpt_lib.abstract_like(abstract_state,
-                                                                      state_sharding))
+    state, saved, step = restored
     contract = schema.InputContract.from_dict(saved['input_contract'])
     init_from = saved.get('init_checkpoint')
-    loop.report(f'Resumed from {checkpointer.directory}/{latest}.')
+    loop.report(f'Resumed from {checkpointer.directory}/{step}.')
   return state, state_sharding, contract, init_from
 
 
@@ -324,6 +324,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
   if not 0.0 < config.label_fraction <= 1.0:
     raise validate.ConfigError(f'config.label_fraction={config.label_fraction} must lie in (0, 1]')
   validate.check_model(config.model)
+  validate.check_training(config)
   mesh = sharding.create_mesh(config.mesh)
   rules = sharding.rules_from_config(config.logical_rules)
   if not config.dataset.data_dir:
@@ -343,7 +344,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
   local_batch = config.batch_size // jax.process_count()
   eval_batch = config.eval_batch_size or config.batch_size
 
-  workdir_path, writer = loop.prepare_workdir(workdir, config)
+  workdir_path, writer = loop.prepare_workdir(workdir)
 
   # --- Model, optimiser, state --------------------------------------------------------------
   train_model = downstream.model_from_config(config, train=True)
@@ -361,7 +362,6 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
   checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir),
                                        keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
-  last_saved = checkpointer.latest_step()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules), faults.StopSignal() as stop_signal:
     data_layout = train_data.layout(config.seed, config.batch_size)
     state, state_sharding, contract, init_from = setup_state(config, eval_model, tx, mesh, rules,
@@ -375,6 +375,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
                 'label_fraction': config.label_fraction, 'num_train_examples': len(records),
                 'data_layout': data_layout, 'config': json.loads(config.to_json_best_effort())}
     start_step = int(jax.device_get(state['step']))
+    last_saved = start_step if checkpointer.latest_step() is not None else None
+    resume.record_start(workdir, config, start_step)
 
     batch_sharding = sharding.batch_sharding(mesh)
     def build_functions():

@@ -43,29 +43,13 @@ def resolve_workdir(workdir: str) -> str:
   return workdir if '://' in workdir else os.path.abspath(workdir)
 
 
-def prepare_workdir(workdir: str, config: ml_collections.ConfigDict):
-  """Creates the workdir, writes the resolved ``config.json`` (process 0) and opens the writer.
-
-  Returns (the workdir as an ``epath.Path``, the metric writer).
-  """
+def prepare_workdir(workdir: str):
+  """Creates the workdir and opens the metric writer; returns (the workdir as an
+  ``epath.Path``, the writer). ``config.json`` is written once the resume is accepted
+  (``resume.record_config``)."""
   path = epath.Path(workdir)
   path.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    (path / 'config.json').write_text(config.to_json_best_effort(indent=2))
   return path, writers.create_writer(workdir)
-
-
-def check_data_layout(saved: dict[str, Any] | None, current: dict[str, Any],
-                      dataset_config: ml_collections.ConfigDict, where: str) -> None:
-  """Refuses a resume whose input stream would not continue the checkpoint's."""
-  if saved is None:  # Written before layouts were recorded.
-    return
-  diffs = [f'{key}: checkpoint {saved.get(key)!r} != now {current.get(key)!r}'
-           for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
-  if diffs and not dataset_config.allow_new_data_order:
-    raise ValueError(f'{where}: resuming here would change the order of the training data ('
-                     + '; '.join(diffs) + '); restore the settings, or pass '
-                     '--config.dataset.allow_new_data_order=True to continue in a new order')
 
 
 def open_training_stream(config: ml_collections.ConfigDict, records=None):

@@ -54,6 +54,7 @@ from mae_jax import validate
 from mae_jax.models import mae
 from mae_jax.trainers import loop
 from mae_jax.trainers import pretrain_step
+from mae_jax.trainers import resume
 
 # Fields of config.model that decide parameter shapes: a checkpoint must agree on all of them.
 ARCHITECTURE_FIELDS = ('image_size', 'patch_size', 'num_channels', 'encoder', 'decoder',
@@ -98,6 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = loop.resolve_workdir(workdir)
   # --- Config, mesh and data -------------------------------------------------------------
   validate.check_model(config.model)
+  validate.check_training(config)
   mesh = sharding.create_mesh(config.mesh)
   validate.check_batch(config.batch_size, config.total_steps, sharding.data_parallel_size(mesh),
                        jax.process_count(), accum=config.optim.grad_accum_steps)
@@ -123,7 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   local_batch = config.batch_size // jax.process_count()
   data_layout = dataset.layout(config.seed, config.batch_size)
 
-  _, writer = loop.prepare_workdir(workdir, config)
+  _, writer = loop.prepare_workdir(workdir)
 
   # --- Model, optimiser, state ----------------------------------------------------------------
   model = mae.model_from_config(config.model)
@@ -136,8 +138,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                        async_save=config.checkpoint.async_save)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules), faults.StopSignal() as stop_signal:
     abstract_state, state_sharding = state_lib.state_shardings(model, tx, mesh, rules)
-    latest = checkpointer.latest_step()
-    if latest is None:
+    restored = resume.restore_newest(
+        checkpointer, ckpt_lib.abstract_like(abstract_state, state_sharding),
+        functools.partial(resume.check_same_run, architecture=architecture(config.model),
+                          data_layout=data_layout, config=config, report=loop.report),
+        strict=config.checkpoint.strict, workdir=workdir, report=loop.report)
+    last_saved = None if restored is None else restored[2]
+    if restored is None:
       state = state_lib.create_state(model, tx, jax.random.key(config.seed), state_sharding)
       loop.report(f'Initialised a new model ({state_lib.count_params(state["params"]):,} '
                   'parameters).')
@@ -146,19 +153,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = {**state, 'params': pretrained.place(state['params'], imported,
                                                      state_sharding['params'])}
         loop.report(f'Imported the {imported.part} from {config.init_from}'
-               + ''.join(f'; {note}' for note in imported.notes) + '.')
+                    + ''.join(f'; {note}' for note in imported.notes) + '.')
     else:
-      saved = checkpointer.restore_metadata(latest)
-      diffs = ckpt_lib.architecture_differences(saved.get('architecture', {}),
-                                                architecture(config.model))
-      if diffs:
-        raise ValueError(f'checkpoint {checkpointer.directory}/{latest} was written by another '
-                         'model: ' + '; '.join(diffs))
-      loop.check_data_layout(saved.get('data_layout'), data_layout, config.dataset,
-                        f'{checkpointer.directory}/{latest}')
-      state, _ = checkpointer.restore(latest, ckpt_lib.abstract_like(abstract_state, state_sharding))
-      loop.report(f'Resumed from {checkpointer.directory}/{latest}.')
+      state, _, step = restored
+      loop.report(f'Resumed from {checkpointer.directory}/{step}.')
     start_step = int(jax.device_get(state['step']))
+    resume.record_start(workdir, config, start_step)
 
     def step_fn(remat_policy):
       return jax.jit(
@@ -227,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         prefetch_depth=config.dataset.device_prefetch,
         save_every=config.checkpoint.every_steps, log_every=config.log_every_steps,
         checkpointer=checkpointer, metadata=metadata, writer=writer, throughput=throughput,
-        stop_signal=stop_signal, last_saved=latest, between_steps=between_steps)
+        stop_signal=stop_signal, last_saved=last_saved, between_steps=between_steps)
     checkpointer.close()  # Waits until every save is committed.
     writer.close()
   last_metrics = dict(end.metrics)

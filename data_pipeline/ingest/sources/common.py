@@ -263,3 +263,49 @@ def check_crs(value: str, what: str) -> rasterio.crs.CRS | None:
     return rasterio.crs.CRS.from_user_input(value)
   except rasterio.errors.CRSError as e:
     raise ValueError(f'{what}: not a CRS: {value!r} ({e})') from e
+
+
+# --- Build settings ----------------------------------------------------------------------------
+# Checked with the names the user types (--config.x=...), before the writer's own checks.
+
+
+def check_tile_size(config) -> int:
+  """``config.tile_size`` as a positive int, or an error naming the flag."""
+  value = config.tile_size
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f'config.tile_size must be a positive number of pixels, got {value!r} '
+                     '(--config.tile_size=...)')
+  return int(value)
+
+
+def check_shards(config, units: dict[str, list], what: str = 'tiles', hint: str = '') -> None:
+  """Checks ``config.num_shards``: a positive multiple of ``config.host_count``, and no more
+  than any split has units; errors name the flags to change.
+
+  Args:
+    config: The build config.
+    units: Split -> work units, as in :class:`Plan`.
+    what: What a unit is, for the message ('tiles', 'chips', ...).
+    hint: Another way to get more units, appended to the message.
+  """
+  num_shards, host_count = config.num_shards, config.host_count
+  if host_count < 1:
+    raise ValueError(f'config.host_count must be >= 1, got {host_count} (--config.host_count=...)')
+  if num_shards < 1 or num_shards % host_count:
+    low = num_shards // host_count * host_count
+    choices = ' or '.join(f'--config.num_shards={n}' for n in (low, low + host_count) if n > 0)
+    raise ValueError(f'config.num_shards = {num_shards} must be a positive multiple of '
+                     f'config.host_count = {host_count}, so that every host reads whole files: '
+                     f'set {choices}')
+  counts = {split: len(split_units) for split, split_units in units.items() if split_units}
+  if not counts:
+    return
+  split = min(counts, key=counts.get)
+  if counts[split] >= num_shards:
+    return
+  fit = counts[split] // host_count * host_count  # The most shards it can have.
+  multiple = f' (a multiple of config.host_count = {host_count})' if host_count > 1 else ''
+  fix = (f'set --config.num_shards={fit} or less{multiple}' if fit else
+         f'with config.host_count = {host_count} every split needs {host_count} {what} or more')
+  raise ValueError(f'split {split!r} has too few {what} ({counts[split]}) for '
+                   f'config.num_shards = {num_shards} (a shard needs at least one): {fix}{hint}')

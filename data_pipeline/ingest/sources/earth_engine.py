@@ -7,10 +7,11 @@ export's bands are mapped to VV and VH per season by ``config.bands``; VV-VH is 
 VV_dB - VH_dB, as in every source. Labels come from WorldCover / VCF GeoTIFFs read onto each
 patch's grid, exactly as in the geotiff source.
 
-Planning reads the mixers and counts the records of every shard (decompressing, not parsing), so
-a truncated or corrupt shard, or a count that disagrees with the mixer, stops the build before
-anything is written. A work unit is one shard's records of one split: each shard is then
-decompressed once per split and each record parsed once.
+Planning reads the mixers, counts the records of every shard (decompressing, not parsing) and
+parses each shard's first record, so a truncated or corrupt shard, a count that disagrees with
+the mixer, or a band name (``config.bands``) or kernel size the export does not have stops the
+build before anything is written. A work unit is one shard's records of one split: each shard
+is then decompressed once per split and each record parsed once.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def _settings(config) -> Settings:
 
 def plan(config) -> common.Plan:
   """Tiles (one per patch), shard record counts and splits of every area's export."""
+  common.check_tile_size(config)
   settings = _settings(config)
   worldcover = common.label_footprints(config.worldcover, 'config.worldcover')
   vcf = common.label_footprints(config.vcf, 'config.vcf')
@@ -88,8 +90,10 @@ def plan(config) -> common.Plan:
       raise ValueError(f'config.areas[{index}].prefix: no export prefix given')
     mixer = ee_export.read_mixer(mixer_file)
     if (mixer.patch_width, mixer.patch_height) != (config.tile_size, config.tile_size):
+      fix = (f'set --config.tile_size={mixer.patch_width} or export'
+             if mixer.patch_width == mixer.patch_height else 'export')
       raise ValueError(f'{mixer_file}: patches are {mixer.patch_width} x {mixer.patch_height} px '
-                       f'but config.tile_size is {config.tile_size}; export with '
+                       f'but config.tile_size is {config.tile_size}; {fix} with '
                        f'patchDimensions [{config.tile_size}, {config.tile_size}]')
     crs = rasterio.crs.CRS.from_user_input(mixer.crs)
     if not crs.is_projected:
@@ -101,6 +105,7 @@ def plan(config) -> common.Plan:
       raise ee_export.ExportError(
           f'{area.prefix}: the {len(files)} shard(s) hold {sum(counts)} records but the mixer '
           f'{mixer_file} says totalPatches = {mixer.total_patches}')
+    _check_bands(files, counts, mixer, settings)
     tiles = [tiling.tile_for(mixer.patch_transform(i), crs, config.tile_size,
                              row=mixer.position(i)[0], col=mixer.position(i)[1], region=region)
              for i in range(mixer.total_patches)]
@@ -136,11 +141,29 @@ def plan(config) -> common.Plan:
       tile_size=config.tile_size, pixel_size_m=float(config.pixel_size),
       composite=f'Earth Engine export of seasonal composites ({config.composite}), bands '
                 f'{dict(settings.bands)} in {settings.units}; VV-VH recomputed as VV_dB - VH_dB')
+  # A work unit is one export shard's records of a split.
+  common.check_shards(config, units, 'export shards with its tiles')
   areas = ', '.join(a.name or a.region for a in config.areas)
   return common.Plan(
       units=units, make_examples=functools.partial(shard_examples, settings=settings),
       contract=contract, description=f'Sentinel-1 tiles from Earth Engine exports: {areas}',
       left_out=left_out, centres=centres)
+
+
+def _check_bands(files: list[str], counts: list[int], mixer: ee_export.Mixer,
+                 settings: Settings) -> None:
+  """Parses the first record of every shard, so that bands are checked before writing."""
+  first = 0
+  for file, count in zip(files, counts):
+    try:
+      ee_export.check_bands(file, mixer, first, dict(settings.bands), settings.kernel_size,
+                            settings.compression)
+    except ee_export.ExportError as err:
+      raise ee_export.ExportError(
+          f"{err}. config.bands gives the export's feature name of each band (e.g. "
+          f'--config.bands.vv_winter=VV_winter), config.kernel_size its kernelSize (now '
+          f'{settings.kernel_size}: --config.kernel_size=...)') from None
+    first += count
 
 
 def shard_examples(unit: ShardUnit, settings: Settings) -> list:

@@ -186,6 +186,7 @@ def _area_scenes(area, index: int, settings: Settings, units: str):
 
 def plan(config) -> common.Plan:
   """Tiles, their covering files and splits for every area of ``config``."""
+  common.check_tile_size(config)
   if config.kind not in KINDS:
     raise ValueError(f'config.kind {config.kind!r} is not one of {KINDS}')
   if config.composite_method not in composite.METHODS:
@@ -257,6 +258,8 @@ def plan(config) -> common.Plan:
   contract = schema.InputContract(
       tile_size=config.tile_size, pixel_size_m=float(config.pixel_size),
       composite=f'{made}; resampled onto a {config.pixel_size:g} m UTM grid, {resampled}')
+  common.check_shards(config, units, 'tiles', f'; or cut more tiles with a smaller '
+                      f'--config.tile_size (now {config.tile_size})')
   areas = ', '.join(a.name or a.region for a in config.areas)
   return common.Plan(
       units=units, make_examples=functools.partial(tile_examples, settings=settings),

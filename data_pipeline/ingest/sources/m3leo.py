@@ -37,8 +37,7 @@ def chip_examples(unit: tuple[str, str, str], passes: str, tile_size: int, vcf_b
   s1_path = chips.chip_path(identifier, m3leo.S1_DATASET)
   image = chips.read_s1(identifier, passes)
   if image.shape[:2] != (tile_size, tile_size):
-    raise ValueError(f'{s1_path}: chip is {image.shape[0]} x {image.shape[1]} px, '
-                     f'config.tile_size is {tile_size}')
+    raise ValueError(_size_mismatch(s1_path, image.shape[:2], tile_size))
   if m3leo.constant_channels(image).size:
     return [writer.Skip('constant channel')]
   sources = [s1_path]
@@ -62,17 +61,37 @@ def chip_examples(unit: tuple[str, str, str], passes: str, tile_size: int, vcf_b
            schema.SOURCES: schema.join_sources(sources)}]
 
 
+def _size_mismatch(path: str, shape: tuple[int, int], tile_size: int) -> str:
+  fix = f'; set --config.tile_size={shape[0]}' if shape[0] == shape[1] else ''
+  return f'{path}: chip is {shape[0]} x {shape[1]} px, config.tile_size is {tile_size}{fix}'
+
+
+def _check_chip_size(chips: m3leo.ChipSet, identifier: str, tile_size: int) -> None:
+  """One chip's size against the tile size, from its header: a wrong tile size then stops the
+  build while planning, not after the first shards are written."""
+  path = chips.chip_path(identifier, m3leo.S1_DATASET)
+  with labels.open_raster(path) as dataset:
+    shape = (dataset.height, dataset.width)
+  if shape != (tile_size, tile_size):
+    raise ValueError(_size_mismatch(path, shape, tile_size))
+
+
 def plan(config) -> common.Plan:
   """Work units per split (one per chip), and per area the chips left out."""
+  tile_size = common.check_tile_size(config)
   units, centres, left_out = {}, {}, {}
   for index, area in enumerate(config.areas):
     region = common.region_of(area, index)
     chips = m3leo.ChipSet(area.dir)
     missing = 0
+    size_checked = False
     for split in schema.SPLITS:
       listed = chips.identifiers(split)
       present = chips.available(m3leo.S1_DATASET, listed)
       missing += len(listed) - len(present)
+      if present and not size_checked:  # The chips of an area share one size.
+        _check_chip_size(chips, present[0], tile_size)
+        size_checked = True
       units.setdefault(split, []).extend(
           (os.path.abspath(area.dir), region, identifier) for identifier in present)
       lons, lats = centres.setdefault(split, ([], []))
@@ -83,9 +102,11 @@ def plan(config) -> common.Plan:
   make_examples = functools.partial(
       chip_examples, passes=config.passes, tile_size=config.tile_size,
       vcf_band=config.vcf_band, vcf_min_valid_fraction=config.vcf_min_valid_fraction)
+  units = {split: u for split, u in units.items() if u}
+  common.check_shards(config, units, 'chips')
   areas = ', '.join(a.dir for a in config.areas)
   return common.Plan(
-      units={split: u for split, u in units.items() if u}, make_examples=make_examples,
+      units=units, make_examples=make_examples,
       contract=schema.InputContract(tile_size=config.tile_size, composite=COMPOSITE),
       description=f"Sentinel-1 tiles from the authors' chips: {areas} ({config.passes} passes)",
       left_out=left_out, centres=centres)
