@@ -60,11 +60,16 @@ def committed_steps(workdir: str) -> list[int]:
   directory = ckpt_lib.checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     return []
-  checkpointer = ckpt_lib.Checkpointer(directory, async_save=False)
-  try:
-    return sorted(checkpointer.all_steps())
-  finally:
-    checkpointer.close()
+  for _ in range(50):  # The training process may rotate a step out while Orbax lists it.
+    try:
+      checkpointer = ckpt_lib.Checkpointer(directory, async_save=False)
+      try:
+        return sorted(checkpointer.all_steps())
+      finally:
+        checkpointer.close()
+    except FileNotFoundError:
+      time.sleep(0.1)
+  raise RuntimeError(f'could not list the committed steps of {directory}')
 
 
 def leftover_partial_saves(workdir: str) -> list[str]:
@@ -140,6 +145,8 @@ def main() -> int:
   rng = random.Random(args.seed)
   plan = ['SIGKILL'] * args.kills + ['SIGTERM'] * args.terms + ['DAMAGE'] * args.damages
   rng.shuffle(plan)
+  damage_kinds = sorted(CHECKPOINT_DAMAGE)  # In turn, so a run with 6 damages meets each.
+  rng.shuffle(damage_kinds)
 
   records, failures = [], []
   started = time.monotonic()
@@ -149,15 +156,20 @@ def main() -> int:
     record = {'kind': kind, 'committed_before': before[-1] if before else None}
     damaged = None
     if kind == 'DAMAGE' and len(before) >= 2:
-      damaged = rng.choice(sorted(CHECKPOINT_DAMAGE))
+      damaged = damage_kinds[len([r for r in records if r.get('damage')]) % len(damage_kinds)]
       CHECKPOINT_DAMAGE[damaged](os.path.join(workdir, 'checkpoints', str(before[-1])))
       record['damage'] = damaged
     run = Run(command, env)
     if kind != 'finish':
-      # Damage runs are interrupted only once training runs, so their fallback has happened.
       if kind != 'DAMAGE' and rng.random() < args.start_fraction:  # From the process start.
         record['moment'] = 'from start'
         delay = rng.uniform(0.5, args.max_delay)
+      elif kind == 'DAMAGE':  # After this run's first own save: damage runs make progress.
+        record['moment'] = 'after a save'
+        start_steps = set(committed_steps(workdir))
+        while run.proc.poll() is None and not set(committed_steps(workdir)) - start_steps:
+          time.sleep(0.2)
+        delay = time.monotonic() - run.start + rng.uniform(0.0, args.max_train_delay)
       else:  # A moment of training: after the first step, when saves are in flight too.
         record['moment'] = 'in training'
         while run.proc.poll() is None and not run.matches(STEP_LINE):
@@ -200,7 +212,7 @@ def main() -> int:
     if previous is not None and expected is not None:
       lost = (previous['last_step_seen'] or 0) - expected
       record['steps_lost_by_previous'] = max(lost, 0)
-      if previous['kind'] == 'SIGTERM' and previous['exit_code'] == 0 and lost > 0:
+      if previous['kind'] == 'SIGTERM' and previous['exit_code'] == 0 and lost > 0 and not damaged:
         fail(f'SIGTERM lost {lost} steps')
       if previous['kind'] in ('SIGKILL', 'DAMAGE') and lost > 2 * args.every and not damaged:
         fail(f'SIGKILL lost {lost} steps, more than two save intervals')
@@ -250,10 +262,13 @@ def main() -> int:
   kills = [r for r in records if r['kind'] == 'SIGKILL']
   damages = [r for r in records if r.get('damage')]
   terms = [r for r in records if r['kind'] == 'SIGTERM']
+  # Steps a restart lost to the interruption before it; a restart that found damage loses the
+  # damaged step's interval too, counted apart.
   lost_after_kill = [r.get('steps_lost_by_previous', 0) for r, p in zip(records[1:], records)
-                     if p['kind'] == 'SIGKILL' and r.get('steps_lost_by_previous') is not None]
+                     if p['kind'] in ('SIGKILL', 'DAMAGE') and not r.get('damage')
+                     and r.get('steps_lost_by_previous') is not None]
   lost_after_term = [r.get('steps_lost_by_previous', 0) for r, p in zip(records[1:], records)
-                     if p['kind'] == 'SIGTERM' and p['exit_code'] == 0
+                     if p['kind'] == 'SIGTERM' and p['exit_code'] == 0 and not r.get('damage')
                      and r.get('steps_lost_by_previous') is not None]
   tally = {
       'sigkill': len(kills),

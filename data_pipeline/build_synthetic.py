@@ -17,7 +17,6 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
 
 from data_pipeline import schema
@@ -98,6 +97,12 @@ def main(argv):
   print('Training-split channel means (dB): ' + ', '.join(f'{m:.2f}' for m in contract.mean))
 
 
-if __name__ == '__main__':
+def console_main() -> None:
+  """The ``mae-jax-synthetic-dataset`` command (setup.py's console script)."""
   flags.mark_flag_as_required('output')
-  app.run(main)
+  from data_pipeline import console  # pylint: disable=g-import-not-at-top
+  console.run(main, __name__)
+
+
+if __name__ == '__main__':
+  console_main()

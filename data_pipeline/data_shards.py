@@ -2,7 +2,7 @@
 
 ``HostDataset`` gives each process an even share of the split, so the examples in a global
 batch depend on how many processes read it. Here the split is cut into ``data_shards`` parts
-(``tfds.even_splits``, remainder dropped) that do not depend on the process count. Each part is
+(as ``tfds.even_splits``, remainder dropped) that do not depend on the process count. Each part is
 its own stream, shuffled per (seed, part, epoch), and global batch ``t`` is
 
     [part 0's batch t | part 1's batch t | ... | part S-1's batch t],   batch_size / S from each.
@@ -23,6 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from data_pipeline import dataset_info
 from data_pipeline import input as data_input
 from data_pipeline import schema
 
@@ -35,14 +36,10 @@ def part_seed(seed: int, part: int) -> int:
 
 def num_files(data_dir: str, split: str) -> int:
   """TFRecord files of ``split`` according to the dataset's metadata."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    builder = tfds.builder_from_directory(data_dir)
-  except Exception as e:  # TFDS raises several types for a missing or broken folder.
-    raise FileNotFoundError(f'cannot open a TFDS dataset at {data_dir!r}: {e}') from e
-  if split not in builder.info.splits:
-    raise ValueError(f'{data_dir}: no split {split!r}; available: {list(builder.info.splits)}')
-  return builder.info.splits[split].num_shards
+  info = dataset_info.read(data_dir)
+  if split not in info.splits:
+    raise ValueError(f'{data_dir}: no split {split!r}; available: {list(info.splits)}')
+  return info.splits[split].num_shards
 
 
 class ShardedStream:

@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from data_pipeline import dataset_info
 from data_pipeline import schema
 from data_pipeline import tfrecord_index
 
@@ -26,7 +27,7 @@ from data_pipeline import tfrecord_index
 # tensors of a 448 px tile fits in the first read, the rest costs one more read per big tensor.
 _CHUNK = 1 << 16
 
-# How a feature is stored in a tf.train.Example and returned, from its TFDS FeatureConnector.
+# How a feature is stored in a tf.train.Example and returned, from its TFDS feature spec.
 RAW = 'raw'  # One bytes value holding a tensor's raw little-endian bytes (Encoding.BYTES).
 TEXT = 'text'  # One bytes value, returned as a bytes object (tfds.features.Text).
 FLOAT = 'float'  # A float_list of the tensor's values.
@@ -52,28 +53,45 @@ class Codec:
 
 
 def codec_for(name: str, feature) -> Codec:
-  """The codec of a TFDS feature; only flat, statically shaped features are supported."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  if isinstance(feature, tfds.features.ClassLabel):
+  """The codec of a feature (a ``dataset_info.Feature``, or a TFDS FeatureConnector); only flat,
+  statically shaped features are supported."""
+  if not isinstance(feature, dataset_info.Feature):
+    feature = _from_tfds(feature)
+  shape = feature.shape
+  if feature.kind == dataset_info.CLASS_LABEL:
     return Codec(name, INT, (), np.dtype(np.int64))
-  if isinstance(feature, tfds.features.Text):
+  if feature.kind == dataset_info.TEXT:
     return Codec(name, TEXT, (), np.dtype(object))
-  if isinstance(feature, tfds.features.Tensor):
-    shape, dtype = tuple(feature.shape), np.dtype(feature.np_dtype)
-    encoding = getattr(feature, '_encoding', tfds.features.Encoding.NONE)
-    if all(isinstance(d, int) for d in shape):
-      if encoding == tfds.features.Encoding.BYTES and dtype != object:
-        return Codec(name, RAW, shape, dtype)
-      if encoding == tfds.features.Encoding.NONE:
-        if dtype == object and shape == ():
-          return Codec(name, TEXT, (), dtype)
-        if np.issubdtype(dtype, np.floating):
-          return Codec(name, FLOAT, shape, dtype)
-        if (np.issubdtype(dtype, np.integer) or dtype == np.bool_) and dtype != np.uint64:
-          return Codec(name, INT, shape, dtype)
-  raise NotImplementedError(f'feature {name!r} ({feature!r}) cannot be read by '
-                            'data_pipeline.input: only flat, statically shaped Tensor '
+  if feature.kind == dataset_info.TENSOR and all(isinstance(d, int) for d in shape):
+    dtype = np.dtype(feature.dtype)
+    if feature.encoding == 'bytes' and dtype != object:
+      return Codec(name, RAW, shape, dtype)
+    if feature.encoding == 'none':
+      if dtype == object and shape == ():
+        return Codec(name, TEXT, (), dtype)
+      if np.issubdtype(dtype, np.floating):
+        return Codec(name, FLOAT, shape, dtype)
+      if (np.issubdtype(dtype, np.integer) or dtype == np.bool_) and dtype != np.uint64:
+        return Codec(name, INT, shape, dtype)
+  raise NotImplementedError(f'feature {name!r} ({feature.connector or feature}) cannot be read '
+                            'by data_pipeline.input: only flat, statically shaped Tensor '
                             '(no or bytes encoding), ClassLabel and Text features are')
+
+
+def _from_tfds(feature) -> dataset_info.Feature:
+  """A TFDS FeatureConnector as the ``dataset_info.Feature`` its features.json entry gives."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  connector = type(feature).__name__
+  if isinstance(feature, tfds.features.ClassLabel):
+    return dataset_info.Feature(dataset_info.CLASS_LABEL, connector=connector)
+  if isinstance(feature, tfds.features.Text):
+    return dataset_info.Feature(dataset_info.TEXT, connector=connector)
+  if isinstance(feature, tfds.features.Tensor):
+    encoding = getattr(feature, '_encoding', tfds.features.Encoding.NONE)
+    return dataset_info.Feature(dataset_info.TENSOR, tuple(feature.shape),
+                                np.dtype(feature.np_dtype).name, encoding.value,
+                                connector=connector)
+  return dataset_info.Feature(dataset_info.OTHER, connector=repr(feature))
 
 
 class _Record:

@@ -1,7 +1,7 @@
 """Per-host input pipeline: a split of a dataset folder -> shuffled, batched numpy arrays.
 
 :class:`HostDataset` is this process's share of a split: an even, disjoint share
-(``tfds.even_splits`` over processes, remainder dropped, so every host has the same number of
+(as ``tfds.even_splits`` over processes, remainder dropped, so every host has the same number of
 batches per epoch). :meth:`HostDataset.batches` streams it as a deterministic function of
 (seed, epoch): a run resumed at step ``s`` gets exactly the batches an uninterrupted run would
 have had from step ``s`` on, without decoding the records before it. Only the requested features
@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import math
 import os
 import sys
@@ -62,6 +63,7 @@ import jax
 import numpy as np
 
 from data_pipeline import array_pool
+from data_pipeline import dataset_info
 from data_pipeline import example_codec
 from data_pipeline import schema
 from data_pipeline import tf_reader
@@ -88,8 +90,12 @@ BadRecordError = tfrecord_index.BadRecordError
 
 
 def configure_tensorflow() -> None:
-  """Keeps TensorFlow off the GPUs (it only reads files here) so JAX has all their memory."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  """Keeps TensorFlow off the GPUs (it only reads files here) so JAX has all their memory; with
+  TensorFlow not installed, there is nothing to do (local folders are read without it)."""
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
   tf.config.set_visible_devices([], 'GPU')
 
 
@@ -163,10 +169,11 @@ class HostDataset:
   :func:`read_split_index` use. With ``records``, each process reads the selected records that
   fall in its own share; :attr:`num_examples` is how many, epochs shuffle over just those, and a
   batch may be larger than the selection (it then holds several epochs). Records in the
-  remainder that ``tfds.even_splits`` drops (fewer than ``process_count``, only when the split's
+  remainder that the even split drops (fewer than ``process_count``, only when the split's
   size is not a multiple of it) are read by no process, selected or not.
 
   Attributes:
+    info: The folder's metadata (``data_pipeline.dataset_info``, read without TensorFlow).
     num_examples: Records this process reads per epoch.
     share_sizes: ``num_examples`` of every process, by process index (each process computes
       all of them from the dataset's metadata, without reading records).
@@ -208,7 +215,6 @@ class HostDataset:
         ``records``, none of the selected records in this process's share, or
         max_bad_records > 0 with the tf.data reader.
     """
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     configure_tensorflow()
     if reader not in _READERS:
       raise ValueError(f'reader must be one of {_READERS}, got {reader!r}')
@@ -217,30 +223,25 @@ class HostDataset:
       raise ValueError(f'max_bad_records must be an integer >= 0, got {max_bad_records!r}')
     self.data_dir = data_dir
     self._split_name = split
-    try:
-      self.builder = tfds.builder_from_directory(data_dir)
-    except Exception as e:  # TFDS raises several types for a missing or broken folder.
-      raise FileNotFoundError(f'cannot open a TFDS dataset at {data_dir!r}: {e}') from e
-    if split not in self.builder.info.splits:
-      raise ValueError(f'{data_dir}: no split {split!r}; available: {list(self.builder.info.splits)}')
-    self.contract = writer.contract_from_builder(self.builder, data_dir)
+    self.info = dataset_info.read(data_dir)
+    if split not in self.info.splits:
+      raise ValueError(f'{data_dir}: no split {split!r}; available: {list(self.info.splits)}')
+    self.contract = writer.contract_from_metadata(self.info.metadata, data_dir)
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
-    num_files = self.builder.info.splits[split].num_shards
-    if num_files % self.process_count:
-      raise ValueError(f'{data_dir}: split {split!r} has {num_files} files, not a multiple of '
-                       f'the {self.process_count} processes; rewrite it with num_shards a '
-                       'multiple of the host count')
-    shares = tfds.even_splits(split, n=self.process_count, drop_remainder=True)
-    self.split = shares[self.process_index]
-    split_info = self.builder.info.splits[self.split]
-    self.num_examples = split_info.num_examples
+    whole = self.info.splits[split]
+    if whole.num_shards % self.process_count:
+      raise ValueError(f'{data_dir}: split {split!r} has {whole.num_shards} files, not a '
+                       f'multiple of the {self.process_count} processes; rewrite it with '
+                       'num_shards a multiple of the host count')
+    shares = [whole.share(i, self.process_count) for i in range(self.process_count)]
+    start, stop = shares[self.process_index]
+    self.split = f'{split}[{start}:{stop}]'  # This process's records of the split.
+    self.num_examples = stop - start
     if self.num_examples == 0:
       raise ValueError(f'{data_dir}: split {split!r} gives process {self.process_index} no examples')
     # Which records of which files make this share (whole files, or parts at share borders).
-    self.file_instructions = [
-        (os.fspath(f.filename), f.skip, f.take if f.take >= 0 else f.examples_in_shard - f.skip,
-         f.examples_in_shard) for f in split_info.file_instructions]
+    self.file_instructions = whole.file_instructions(start, stop)
     if reader == 'auto':
       reader = 'tf' if '://' in os.fspath(data_dir) else 'local'
     self.reader = reader
@@ -260,12 +261,10 @@ class HostDataset:
     self._verified = None  # Per row of _record_locations: CRC checked (verify_checksums).
 
     # Global index of each file's first record, to number the records of any share.
-    whole = self.builder.info.splits[split]
     self.split_size = whole.num_examples
     first_record, position = {}, 0
-    for f in whole.file_instructions:
-      take = f.take if f.take >= 0 else f.examples_in_shard - f.skip
-      first_record[os.fspath(f.filename)] = position - f.skip
+    for path, skip, take, _ in whole.file_instructions():
+      first_record[path] = position - skip
       position += take
 
     def ranges(instructions) -> np.ndarray:
@@ -279,7 +278,7 @@ class HostDataset:
     self._selected: list[np.ndarray | None] = [None] * len(self.file_instructions)
     self.records = None
     if records is None:
-      self.share_sizes = tuple(self.builder.info.splits[s].num_examples for s in shares)
+      self.share_sizes = tuple(stop - start for start, stop in shares)
       self._check_files(split)
       return
     where = f'{data_dir} split {split!r}'
@@ -288,10 +287,8 @@ class HostDataset:
                                    np.searchsorted(self.records, stop)] - start
                       for start, stop in self._ranges]
     sizes = []
-    for s in shares:
-      share = ranges([(os.fspath(f.filename), f.skip,
-                       f.take if f.take >= 0 else f.examples_in_shard - f.skip, None)
-                      for f in self.builder.info.splits[s].file_instructions])
+    for share_range in shares:
+      share = ranges(whole.file_instructions(*share_range))
       sizes.append(int((np.searchsorted(self.records, share[:, 1]) -
                         np.searchsorted(self.records, share[:, 0])).sum()))
     self.share_sizes = tuple(sizes)
@@ -326,11 +323,18 @@ class HostDataset:
 
   @property
   def tile_size(self) -> int:
-    return self.builder.info.features[schema.IMAGE].shape[0]
+    return self.info.features[schema.IMAGE].shape[0]
 
   @property
   def num_channels(self) -> int:
-    return self.builder.info.features[schema.IMAGE].shape[-1]
+    return self.info.features[schema.IMAGE].shape[-1]
+
+  @functools.cached_property
+  def builder(self):
+    """The folder's TFDS builder (``tfds.builder_from_directory``; needs TensorFlow Datasets).
+    The reader itself uses :attr:`info`."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    return tfds.builder_from_directory(self.data_dir)
 
   @property
   def record_indices(self) -> np.ndarray:
@@ -341,7 +345,7 @@ class HostDataset:
                                                        self._selected)]).astype(np.int64)
 
   def _codecs(self, features: Sequence[str]) -> list[example_codec.Codec]:
-    known = self.builder.info.features
+    known = self.info.features
     missing = [name for name in features if name not in known]
     if missing:
       raise ValueError(f'{self.data_dir}: no features {missing}; available: {list(known)}')

@@ -44,6 +44,9 @@ CLIP_RANGE_DB = (-50.0, 30.0)
 STORAGE_DTYPE = 'float16'
 QUANTISATION = 'float16 of dB values clipped to CLIP_RANGE_DB; NaN marks no-data pixels'
 COMPOSITE_METHOD_SYNTHETIC = 'synthetic (per-season draw, speckle in linear power, then dB)'
+# Side of a tile pixel, in metres: tiles are on a north-up grid of square pixels in a projected
+# CRS with metre units (the UTM zone of the area, ``data_pipeline.ingest.tiling``).
+PIXEL_SIZE_M = 10.0
 
 # --- Labels ----------------------------------------------------------------------------------
 
@@ -144,7 +147,7 @@ class InputContract:
   nodata: str = 'NaN'
   composite: str = COMPOSITE_METHOD_SYNTHETIC
   tile_size: int = 448
-  pixel_size_m: float = 10.0
+  pixel_size_m: float = PIXEL_SIZE_M
   # Per-channel statistics of the training split, in dB, over valid pixels.
   mean: tuple[float, ...] = ()
   std: tuple[float, ...] = ()

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from data_pipeline import atomic
+from data_pipeline import dataset_info
 from data_pipeline import replace
 from data_pipeline import schema
 from data_pipeline import worker_pool
@@ -44,14 +45,15 @@ from data_pipeline import worker_pool
 DATASET_NAME = 's1_tiles'
 VERSION = '1.0.0'
 BUILD_FILE = 'build.json'  # Parameters of an unfinished build, to refuse resuming another one.
-INFO_FILE = 'dataset_info.json'  # Written last: the dataset is complete.
+INFO_FILE = dataset_info.INFO_FILE  # Written last: the dataset is complete.
 SPLIT_MAP = 'split_map.png'  # data_pipeline.ingest.build's map of the planned tiles.
 INSPECT_DIR = 'inspect'  # data_pipeline.ingest.inspect's default output folder.
 WHAT = 'a dataset made by data_pipeline.writer'  # For messages: what --overwrite replaces.
 # Every file a build leaves in its folder: TFDS metadata, shards, their sidecars and temporary
 # names (writer and data_pipeline.atomic), the build parameters and the split map.
 _OWN_FILE = re.compile(
-    '|'.join(map(re.escape, (INFO_FILE, 'features.json', 'metadata.json', BUILD_FILE, SPLIT_MAP)))
+    '|'.join(map(re.escape, (INFO_FILE, dataset_info.FEATURES_FILE, dataset_info.METADATA_FILE,
+                             BUILD_FILE, SPLIT_MAP)))
     + rf'|\w+\.labels\.txt|{DATASET_NAME}-\w+\.tfrecord-\d{{5}}-of-\d{{5}}'
     r'(\.json|\.incomplete-[0-9a-f]{8})?|\..+\.\d+\.[0-9a-f]{32}\.tmp')
 
@@ -391,14 +393,15 @@ def _build(output_dir: str, *, units_by_split, make_examples, contract, fingerpr
 
 
 def read_contract(data_dir: str) -> schema.InputContract:
-  """The input contract stored with a dataset written by :func:`build_dataset`."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds.builder_from_directory(data_dir)
-  return contract_from_builder(builder, data_dir)
+  """The input contract stored with a dataset written by :func:`build_dataset` (read without
+  TensorFlow: ``data_pipeline.dataset_info``)."""
+  return contract_from_metadata(dataset_info.read(data_dir).metadata, data_dir)
 
 
-def contract_from_builder(builder, data_dir: str) -> schema.InputContract:
-  values = builder.info.metadata and builder.info.metadata.get('input_contract')
+def contract_from_metadata(metadata: Mapping[str, Any] | None,
+                           data_dir: str) -> schema.InputContract:
+  """The input contract in a dataset's metadata dict (TFDS's ``metadata.json``)."""
+  values = metadata and metadata.get('input_contract')
   if not values:
     raise ValueError(f'{data_dir}: the dataset metadata has no input_contract '
                      '(was it written by data_pipeline.writer?)')

@@ -48,5 +48,11 @@ def run(config, workdir) -> None:
     raise app.UsageError(f'unknown config.task {task!r}')
 
 
+def console_main() -> None:
+  """The ``mae-jax-train`` command (setup.py's console script)."""
+  from data_pipeline import console  # pylint: disable=g-import-not-at-top
+  console.run(main, __name__)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  console_main()

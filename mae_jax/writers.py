@@ -1,33 +1,45 @@
-"""Where training metrics go: stdout, TensorBoard (via CLU) and ``metrics.jsonl``.
+"""Where training metrics go: stdout, TensorBoard and ``metrics.jsonl``.
 
 Only process 0 writes; other processes get a writer that drops everything. ``metrics.jsonl``
-holds one JSON object per logged step, the easiest thing to plot or grep afterwards.
+holds one JSON object per logged step, the easiest thing to plot or grep afterwards. TensorBoard
+event files are written with TensorBoard's own event writer, which needs no TensorFlow.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
-from typing import Any, Mapping
+import time
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from clu import metric_writers
 from etils import epath
 
 
-class ScalarWriter(metric_writers.MetricWriter):
-  """A writer of scalars only: every other kind of summary is ignored."""
+class MetricWriter:
+  """What the trainers write to: scalars and images of a step, then flush and close."""
 
-  def write_summaries(self, step, values, metadata=None): pass
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    raise NotImplementedError
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    """``images``: name -> (N, H, W, C) uint8 array (C 1, 3 or 4)."""
+    raise NotImplementedError
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    self.flush()
+
+
+class ScalarWriter(MetricWriter):
+  """A writer of scalars only: images are ignored."""
+
   def write_images(self, step, images): pass
-  def write_videos(self, step, videos): pass
-  def write_audios(self, step, audios, *, sample_rate): pass
-  def write_texts(self, step, texts): pass
-  def write_histograms(self, step, arrays, num_buckets=None): pass
-  def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None): pass
-  def write_hparams(self, hparams): pass
 
 
 class JsonlWriter(ScalarWriter):
@@ -120,12 +132,91 @@ class StdoutWriter(ScalarWriter):
   def close(self): self.flush()
 
 
-def create_writer(workdir: str) -> metric_writers.MetricWriter:
+class TensorBoardWriter(MetricWriter):
+  """Scalars and images as a TensorBoard event file in ``logdir``, without TensorFlow.
+
+  TensorBoard's own ``EventFileWriter`` (the one PyTorch's SummaryWriter uses) writes the file,
+  on a thread, through TensorFlow's file system if TensorFlow is installed and TensorBoard's
+  own otherwise (local paths; URLs through fsspec). Scalars are ``simple_value`` summaries,
+  images PNG-encoded ``Summary.Image``s: both what TensorBoard has always read.
+  """
+
+  def __init__(self, logdir: str):
+    # Imported here: a writer that is never opened (other processes, tests) costs nothing.
+    from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
+    from tensorboard.summary.writer import event_file_writer  # pylint: disable=g-import-not-at-top
+    self._event, self._summary = event_pb2.Event, summary_pb2.Summary
+    # flush_secs: the loop flushes after each log; this bounds the delay of anything else.
+    self._writer = event_file_writer.EventFileWriter(logdir, flush_secs=30)
+    self._closed = False
+
+  def _write(self, step: int, values: Sequence[Any]) -> None:
+    self._writer.add_event(self._event(wall_time=time.time(), step=int(step),
+                                       summary=self._summary(value=list(values))))
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    self._write(step, [self._summary.Value(tag=key, simple_value=float(np.asarray(value)))
+                       for key, value in scalars.items()])
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    values = []
+    for key, batch in images.items():
+      batch = np.asarray(batch)
+      if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] not in (1, 3, 4):
+        raise ValueError(f'image {key!r}: expected (N, H, W, 1|3|4) uint8, got {batch.shape} '
+                         f'{batch.dtype}')
+      for i, image in enumerate(batch):
+        png = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(image.squeeze(-1) if image.shape[-1] == 1
+                                             else image)).save(png, format='PNG')
+        values.append(self._summary.Value(
+            tag=key if len(batch) == 1 else f'{key}/{i}',
+            image=self._summary.Image(height=image.shape[0], width=image.shape[1],
+                                      colorspace=image.shape[2],
+                                      encoded_image_string=png.getvalue())))
+    self._write(step, values)
+
+  def flush(self) -> None:
+    if not self._closed:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if not self._closed:
+      self._writer.close()
+      self._closed = True
+
+
+class MultiWriter(MetricWriter):
+  """Writes everything to each of ``writers``."""
+
+  def __init__(self, writers: Sequence[MetricWriter]):
+    self.writers = tuple(writers)
+
+  def write_scalars(self, step, scalars):
+    for writer in self.writers:
+      writer.write_scalars(step, scalars)
+
+  def write_images(self, step, images):
+    for writer in self.writers:
+      writer.write_images(step, images)
+
+  def flush(self):
+    for writer in self.writers:
+      writer.flush()
+
+  def close(self):
+    for writer in self.writers:
+      writer.close()
+
+
+def create_writer(workdir: str) -> MetricWriter:
   """Stdout + TensorBoard + metrics.jsonl on process 0; a no-op writer elsewhere."""
   if jax.process_index() != 0:
-    return metric_writers.MultiWriter([])
-  return metric_writers.MultiWriter([
+    return MultiWriter([])
+  return MultiWriter([
       StdoutWriter(),
-      metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard')),
+      TensorBoardWriter(os.path.join(workdir, 'tensorboard')),
       JsonlWriter(os.path.join(workdir, 'metrics.jsonl')),
   ])

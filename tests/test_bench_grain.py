@@ -16,6 +16,7 @@ pytest.importorskip('grain')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.integration
 def test_check_mode_reports_properties_and_figures(tmp_path):
   # A process of its own: grain's absl flags and worker processes stay out of this one.
   results = tmp_path / 'grain.json'

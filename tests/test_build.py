@@ -128,6 +128,7 @@ def _shard_records(folder):
   return {p.name: records(p) for p in folder.glob('*.tfrecord-*') if p.suffix != '.json'}
 
 
+@pytest.mark.multiprocess  # A build with two worker processes, in a process of its own.
 @pytest.mark.parametrize('target', ['process group', 'main process'])
 def test_ctrl_c_stops_a_parallel_build_which_then_resumes(tmp_path, many_tiles, target):
   """Ctrl-C (SIGINT to the process group, as a terminal sends it, or to the main process alone)

@@ -298,3 +298,146 @@ def test_errors_are_clear_and_leave_nothing_behind(pretrained, saved, tmp_path, 
   with pytest.raises(ValueError, match='columns differ in length'):
     embed.write_embeddings(out, {**columns, 'lat': np.zeros(3)}, {})
   assert files_in(tmp_path) == []
+
+
+# --- Footprints and GeoParquet ------------------------------------------------------------------
+
+# UTM's scale on its central meridian and WGS 84's metres per degree at the equator (latitude
+# along the meridian, longitude along the equator): the truths of a tile at the equator.
+UTM_SCALE = 0.9996
+METRES_PER_DEGREE_LAT, METRES_PER_DEGREE_LON = 110_574.3, 111_319.49
+
+
+def georeferenced_copy(source, target, antimeridian_origin):
+  """A copy of the dataset whose first three test tiles carry a CRS and transform: at the
+  equator on UTM 33N's central meridian (15 E), in EPSG:4326 at (10 E, 50 N) with 1/1024 degree
+  pixels, and across the antimeridian in UTM 60N; the others stay without a georeference. Values
+  are exact in float32, as the transform feature is stored."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  shutil.copytree(source, target)
+  georeference = [('EPSG:32633', (10.0, 0.0, 500_000.0, 0.0, -10.0, 320.0)),
+                  ('EPSG:4326', (2.0**-10, 0.0, 10.0, 0.0, -2.0**-10, 50.0)),
+                  ('EPSG:32660', (10.0, 0.0, antimeridian_origin[0], 0.0, -10.0,
+                                  antimeridian_origin[1]))]
+  for name in sorted(p for p in os.listdir(target) if '-test.tfrecord' in p):  # File order.
+    path = os.path.join(target, name)
+    records = [r.numpy() for r in tf.data.TFRecordDataset(path)]
+    for i in range(min(len(records), len(georeference))):
+      crs, transform = georeference.pop(0)
+      example = tf.train.Example.FromString(records[i])
+      example.features.feature[schema.CRS].bytes_list.value[:] = [crs.encode()]
+      example.features.feature[schema.TRANSFORM].float_list.value[:] = transform
+      records[i] = example.SerializeToString()
+    with tf.io.TFRecordWriter(path) as writer:
+      for record in records:
+        writer.write(record)
+  return target
+
+
+def parse_wkb_polygon(data):
+  """(byte order, type, rings, points) and the (K, 2) ring, unpacked here from the bytes."""
+  import struct  # pylint: disable=g-import-not-at-top
+  header = struct.unpack_from('<BIII', data)
+  return header, np.array(struct.unpack_from(f'<{2 * header[3]}d', data, 13)).reshape(-1, 2)
+
+
+@pytest.fixture(scope='module')
+def geoparquet(pretrained, tmp_path_factory):
+  """(parquet path, npz path, in-process result) of the georeferenced copy's test split."""
+  import rasterio.warp  # pylint: disable=g-import-not-at-top
+  workdir, config = pretrained
+  # A UTM 60N origin 160 m west of the antimeridian at 45 N (whole metres).
+  x, y = rasterio.warp.transform('OGC:CRS84', 'EPSG:32660', [180.0], [45.0])
+  folder = tmp_path_factory.mktemp('geo')
+  data_dir = georeferenced_copy(config.dataset.data_dir, str(folder / 'data'),
+                                (float(round(x[0]) - 160), float(round(y[0]))))
+  parquet, npz = str(folder / 'emb.parquet'), str(folder / 'emb.npz')
+  result = embed.embed_to_file(parquet, workdir, data_dir, 'test', batch_size=16)
+  embed.write_embeddings(npz, result.columns, result.metadata)
+  return parquet, npz, result
+
+
+def test_footprints_are_the_tiles_outlines_in_crs84(geoparquet):
+  footprint = geoparquet[2].columns['footprint']
+  assert footprint.shape == (16, 5, 2) and footprint.dtype == np.float64
+  np.testing.assert_array_equal(footprint[:, 0], footprint[:, -1])  # Closed rings.
+  # Tile 0: 320 m squares at the equator on 15 E, so the corners follow from UTM's scale.
+  top = 320 / (UTM_SCALE * METRES_PER_DEGREE_LAT)
+  east = 15 + 320 / (UTM_SCALE * METRES_PER_DEGREE_LON)
+  np.testing.assert_allclose(footprint[0, :4], [[15, top], [15, 0], [east, 0], [east, top]],
+                             rtol=0, atol=1e-7)
+  # Tile 1 is in longitude / latitude already: its grid's corners exactly.
+  side = 32 * 2.0**-10
+  np.testing.assert_array_equal(footprint[1, :4], [[10, 50], [10, 50 - side],
+                                                   [10 + side, 50 - side], [10 + side, 50]])
+  # Tile 2 crosses the antimeridian: longitudes stay continuous (179.99.. and 180.00..).
+  lon = footprint[2, :, 0]
+  assert np.ptp(lon) < 0.01 and lon.min() < 180 < lon.max()
+  assert 44.99 < footprint[2, :, 1].min() and footprint[2, :, 1].max() < 45.01
+  for ring in footprint[:3]:  # Counterclockwise: positive shoelace area.
+    x, y = ring[:-1, 0], ring[:-1, 1]
+    assert (x * np.roll(y, -1) - np.roll(x, -1) * y).sum() > 0
+  assert np.isnan(footprint[3:]).all()  # The synthetic tiles: no georeference.
+
+
+def test_parquet_is_geoparquet_with_wkb_polygons_and_crs84(geoparquet):
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  import rasterio.crs  # pylint: disable=g-import-not-at-top
+  parquet, npz, result = geoparquet
+  footprint = result.columns['footprint']
+  table = pq.read_table(parquet)
+  assert table.schema.field('geometry').type == pa.binary()
+  assert 'footprint' not in table.column_names
+  geo = json.loads(pq.read_metadata(parquet).metadata[b'geo'])
+  assert geo['version'] == '1.1.0' and geo['primary_column'] == 'geometry'
+  column = geo['columns']['geometry']
+  assert (column['encoding'], column['geometry_types']) == ('WKB', ['Polygon'])
+  assert column['orientation'] == 'counterclockwise'
+  # The PROJJSON is OGC:CRS84 to GDAL.
+  crs = rasterio.crs.CRS.from_user_input(json.dumps(column['crs']))
+  assert crs.to_authority() == ('OGC', 'CRS84') and crs == rasterio.crs.CRS.from_user_input(
+      'OGC:CRS84')
+  known = footprint[:3].reshape(-1, 2)
+  np.testing.assert_array_equal(column['bbox'], [*known.min(0), *known.max(0)])
+  geometries = table.column('geometry').to_pylist()
+  for i, data in enumerate(geometries):
+    if i >= 3:
+      assert data is None  # Null geometry for a tile without a georeference.
+      continue
+    header, ring = parse_wkb_polygon(data)
+    assert header == (1, 3, 1, 5) and len(data) == 13 + 5 * 16  # Little-endian polygon.
+    np.testing.assert_array_equal(ring, footprint[i])
+  # Both formats read back the same footprints; the geo entry is not run metadata.
+  from_parquet, parquet_meta = embed.read_embeddings(parquet)
+  from_npz, npz_meta = embed.read_embeddings(npz)
+  np.testing.assert_array_equal(from_parquet['footprint'], footprint)
+  np.testing.assert_array_equal(from_npz['footprint'], footprint)
+  assert 'geo' not in parquet_meta and parquet_meta == npz_meta
+
+
+def test_geopandas_reads_the_geoparquet(geoparquet):
+  geopandas = pytest.importorskip('geopandas')
+  frame = geopandas.read_parquet(geoparquet[0])
+  assert frame.crs.to_string() in ('OGC:CRS84', 'EPSG:4326')
+  assert frame.geometry.iloc[:3].geom_type.tolist() == ['Polygon'] * 3
+  assert frame.geometry.iloc[3:].isna().all()
+  np.testing.assert_allclose(np.asarray(frame.geometry.iloc[1].exterior.coords),
+                             geoparquet[2].columns['footprint'][1])
+
+
+def test_files_without_footprints_still_write_and_read(tmp_path):
+  columns = {'tile_id': np.array(['a', 'b']), 'split': np.array(['test'] * 2),
+             'region': np.array(['europe', 'china']), 'lat': np.zeros(2), 'lon': np.zeros(2),
+             'valid_fraction': np.ones(2), 'embedding': np.ones((2, 4), np.float32)}
+  for name in ('emb.parquet', 'emb.npz'):
+    embed.write_embeddings(str(tmp_path / name), columns, {'pool': 'cls'})
+    read, _ = embed.read_embeddings(str(tmp_path / name))
+    assert read['footprint'].shape == (2, 5, 2) and np.isnan(read['footprint']).all()
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  assert pq.read_table(str(tmp_path / 'emb.parquet')).column('geometry').null_count == 2
+  assert 'bbox' not in json.loads(
+      pq.read_metadata(str(tmp_path / 'emb.parquet')).metadata[b'geo'])['columns']['geometry']
+  with pytest.raises(ValueError, match=r'footprint must be \(N, 5, 2\)'):
+    embed.write_embeddings(str(tmp_path / 'bad.npz'), {**columns,
+                                                        'footprint': np.zeros((2, 4, 2))}, {})

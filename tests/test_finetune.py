@@ -163,7 +163,8 @@ def test_frozen_encoder_does_not_move_and_head_does(pretrained, tmp_path):
   assert metadata['task'] == 'finetune' and metadata['head_kind'] == 'linear_probe'
 
 
-def test_fine_tuning_logs_throughput_and_validation_only_where_measured(pretrained, tmp_path):
+def test_fine_tuning_logs_throughput_and_validation_only_where_measured(pretrained, tmp_path,
+                                                                        capsys):
   config = finetune_config(pretrained)
   config.eval_every_steps = 3  # Validation at steps 3 and 4 (the last); logs at 1, 2 and 4.
   finetune.finetune(config, str(tmp_path))
@@ -171,6 +172,29 @@ def test_fine_tuning_logs_throughput_and_validation_only_where_measured(pretrain
     records = [json.loads(line) for line in f]
   validated = [r['step'] for r in records if 'val_loss' in r]
   assert validated == [3, 4]  # Never repeated at later log steps.
+  for name in ('val_rmse', 'val_mae', 'val_bias', 'val_r2'):  # The task's metrics, same steps.
+    assert [r['step'] for r in records if name in r] == [3, 4], name
+  assert not any('val_miou' in r for r in records)
+  for r in records:
+    if 'val_rmse' in r:  # MSE is the VCF loss: RMSE is its root, MAE at most RMSE.
+      assert r['val_rmse'] == pytest.approx(np.sqrt(r['val_loss']), rel=1e-5)
+      assert 0 < r['val_mae'] <= r['val_rmse'] * (1 + 1e-6)
+  out = capsys.readouterr().out
+  summary = out[out.index('Fine-tuning done: vcf finetune, 4 steps'):]
+  assert 'evaluated step ' in summary and 'lowest validation loss' in summary
+  assert '  validation: all rmse ' in summary and '  test: all rmse ' in summary
+  assert 'rmse by region: ' in summary
+  assert (f'Outputs in {tmp_path}: final_metrics.json, metrics.jsonl, tensorboard/, '
+          'checkpoints/.') in summary
+  # TensorBoard has the same scalars at the same steps.
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  events = event_accumulator.EventAccumulator(str(tmp_path / 'tensorboard'))
+  events.Reload()
+  tags = events.Tags()
+  tensors = tags.get('tensors', []) + tags.get('scalars', [])
+  assert {'val_loss', 'val_rmse', 'val_r2'} <= set(tensors)
+  read = events.Tensors if 'val_rmse' in tags.get('tensors', []) else events.Scalars
+  assert [e.step for e in read('val_rmse')] == [3, 4]
   logged = [r for r in records if 'loss' in r]
   assert [r['step'] for r in logged] == [1, 2, 4]
   for r in logged[1:]:  # The first log starts the throughput clock.
@@ -220,6 +244,15 @@ def test_finetune_then_offline_evaluation_on_another_mesh_agree(pretrained, tmp_
   headline = 'rmse' if task == 'vcf' else 'miou'
   test = results['splits']['test']
   assert evaluate.ALL in test and np.isfinite(test[evaluate.ALL][headline])
+  # The validation logged at the selected step is the final validation of the selected params.
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  assert [r['step'] for r in records if f'val_{headline}' in r] == [2, 4]
+  selected = next(r for r in records if r['step'] == results['selected_step'] and 'val_loss' in r)
+  final = results['splits']['validation'][evaluate.ALL]
+  for name, key in evaluate.LOGGED_METRICS[task]:
+    assert selected[f'val_{name}'] == pytest.approx(final[key], rel=1e-5, abs=1e-6), name
+  assert selected['val_loss'] == pytest.approx(final['loss'], rel=1e-5)
 
   from configs import evaluate as evaluate_configs  # pylint: disable=g-import-not-at-top
   eval_config = evaluate_configs.get_config()

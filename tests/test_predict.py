@@ -213,6 +213,12 @@ def test_map_has_the_scene_grid_no_data_and_is_a_cog(maps, task):
       colours = src.colormap(1)
       for code, rgb in zip(schema.WORLDCOVER_CODES, schema.WORLDCOVER_COLORS):
         assert colours[code][:3] == rgb
+      names = {k: v for k, v in src.tags(1).items() if k.startswith('CLASS_')}
+      assert names == {f'CLASS_{code}': name for code, name in
+                       zip(schema.WORLDCOVER_CODES, schema.WORLDCOVER_NAMES)}
+      assert names['CLASS_10'] == 'tree_cover' and names['CLASS_80'] == 'permanent_water'
+    if task == 'vcf':
+      assert not any(k.startswith('CLASS_') for k in src.tags(1))
   np.testing.assert_array_equal(nodata, expected_nodata())
   assert not nodata[PARTIAL_PIXEL]
 

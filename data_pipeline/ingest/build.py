@@ -92,10 +92,17 @@ def main(argv):
         f'({tiles / elapsed:.1f} tiles/s): {report}')
 
 
-if __name__ == '__main__':
+def console_main() -> None:
+  """The command (``python -m`` or setup.py's console script ``mae-jax-build-dataset``)."""
+  # Flags are defined here, not at import, so importing this module defines nothing.
   config_flags.DEFINE_config_file('config', None, 'configs/data/<file>.py', lock_config=True)
   flags.DEFINE_string('output', None, 'Dataset folder to create (or to resume).')
   flags.DEFINE_bool('overwrite', False, 'Replace an existing dataset made by this writer '
                     '(built beside it, swapped in once complete; other folders are refused).')
   flags.mark_flags_as_required(['config', 'output'])
-  app.run(main)
+  from data_pipeline import console  # pylint: disable=g-import-not-at-top
+  console.run(main, __name__)
+
+
+if __name__ == '__main__':
+  console_main()

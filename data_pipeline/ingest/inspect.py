@@ -122,10 +122,16 @@ def main(argv):
                 values.output or os.path.join(data_dir, 'inspect')))
 
 
-if __name__ == '__main__':
+def console_main() -> None:
+  """The command (``python -m`` or setup.py's console script ``mae-jax-inspect-dataset``)."""
   # Flags are defined here, not at import, so importing this module next to other command-line
   # modules (tests, notebooks) defines nothing twice.
   flags.DEFINE_integer('sample', 256, 'Tiles per split for value and label statistics.')
   flags.DEFINE_integer('num_tiles', 4, 'Tiles per split rendered to PNG.')
   flags.DEFINE_string('output', '', 'Folder for the PNGs and report (default DIR/inspect).')
-  app.run(main)
+  from data_pipeline import console  # pylint: disable=g-import-not-at-top
+  console.run(main, __name__)
+
+
+if __name__ == '__main__':
+  console_main()

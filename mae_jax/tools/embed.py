@@ -24,13 +24,26 @@ embedding in either pool: its row is NaN (its tokens would describe only the zer
 normalisation puts in place of no-data) and its ``valid_fraction`` is 0.
 
 Output, one row per tile in dataset order (file order; a region filter keeps that order):
-``tile_id``, ``split``, ``region`` (name), ``lat``, ``lon``, ``valid_fraction`` (float32) and
-``embedding`` (float32, width D). Parquet stores the embedding as a fixed-size list<float32> of
-width D and the run's metadata (checkpoint folder and step, weights, pool, width, encoder
-architecture, input contract, the command, ...) as file key-value metadata, each value JSON.
-npz holds arrays of the same names (``embedding`` (N, D), texts as unicode arrays, so
-``np.load`` needs no pickle) plus ``metadata``, the same dict as one JSON string. The format
-follows the extension (``.parquet`` or ``.npz``). The file is written under a temporary name
+``tile_id``, ``split``, ``region`` (name), ``lat``, ``lon``, ``valid_fraction`` (float32),
+``embedding`` (float32, width D) and ``footprint``: the outline of the tile's pixel grid as a
+closed, counterclockwise ring of 5 (longitude, latitude) points in OGC:CRS84 (WGS 84, longitude
+first), float64 (N, 5, 2). Footprints come from each tile's recorded CRS and affine transform
+(``schema.CRS``, ``schema.TRANSFORM``): its four corners projected to CRS84, joined by straight
+edges (a 4.5 km UTM tile's edges bend far less than a pixel in longitude/latitude); one CRS for
+the whole file, as GeoParquet requires, although a file's tiles lie in several UTM zones. A
+footprint that crosses the antimeridian keeps continuous longitudes (some beyond 180). Tiles
+without a georeference (no CRS or a NaN transform: the synthetic and the embedded datasets) have
+a NaN footprint.
+
+Parquet is GeoParquet 1.1.0, readable by ``geopandas.read_parquet``: the footprint is the
+``geometry`` column of WKB polygons (null for a NaN footprint), described by the ``geo`` file
+metadata (encoding WKB, geometry types Polygon, the CRS84 PROJJSON, counterclockwise
+orientation, bounding box). The embedding is a fixed-size list<float32> of width D, and the run's
+metadata (checkpoint folder and step, weights, pool, width, encoder architecture, input contract,
+the command, ...) is file key-value metadata, each value JSON. npz holds arrays of the same names
+(``embedding`` (N, D), ``footprint`` (N, 5, 2), texts as unicode arrays, so ``np.load`` needs no
+pickle) plus ``metadata``, the same dict as one JSON string. The format follows the extension
+(``.parquet`` or ``.npz``). The file is written under a temporary name
 beside the output and renamed into place, so a failed run leaves nothing behind; a missing output
 folder is an error before any work.
 
@@ -48,6 +61,7 @@ import functools
 import json
 import os
 import shlex
+import struct
 import sys
 import time
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -69,11 +83,35 @@ from mae_jax.models import mae
 
 POOLS = ('cls', 'mean')
 FORMATS = {'.parquet': 'parquet', '.npz': 'npz'}
-COLUMNS = ('tile_id', 'split', 'region', 'lat', 'lon', 'valid_fraction', 'embedding')
+COLUMNS = ('tile_id', 'split', 'region', 'lat', 'lon', 'valid_fraction', 'embedding',
+           'footprint')
+OPTIONAL_COLUMNS = ('footprint',)  # write_embeddings writes NaN (no geometry) without it.
+RING = 5  # Points of a footprint: 4 corners, the first repeated.
+GEOMETRY = 'geometry'  # The Parquet column of the footprints (WKB polygons).
+GEOPARQUET_VERSION = '1.1.0'
+FOOTPRINT_CRS = 'OGC:CRS84'
+# PROJJSON of OGC:CRS84 (WGS 84, longitude then latitude), as GDAL 3.10 writes it
+# (tests/test_embed.py checks that GDAL reads it back as OGC:CRS84).
+CRS84_PROJJSON = {
+    '$schema': 'https://proj.org/schemas/v0.7/projjson.schema.json',
+    'type': 'GeographicCRS', 'name': 'WGS 84 (CRS84)',
+    'datum': {'type': 'GeodeticReferenceFrame', 'name': 'World Geodetic System 1984',
+              'ellipsoid': {'name': 'WGS 84', 'semi_major_axis': 6378137,
+                            'inverse_flattening': 298.257223563}},
+    'coordinate_system': {'subtype': 'ellipsoidal', 'axis': [
+        {'name': 'Geodetic longitude', 'abbreviation': 'Lon', 'direction': 'east',
+         'unit': 'degree'},
+        {'name': 'Geodetic latitude', 'abbreviation': 'Lat', 'direction': 'north',
+         'unit': 'degree'}]},
+    'scope': 'unknown', 'area': 'World',
+    'bbox': {'south_latitude': -90, 'west_longitude': -180, 'north_latitude': 90,
+             'east_longitude': 180},
+    'id': {'authority': 'OGC', 'code': 'CRS84'}}
 # Fields of config.model that fix the encoder (as in finetune.ENCODER_ARCHITECTURE_FIELDS).
 ENCODER_FIELDS = ('image_size', 'patch_size', 'num_channels', 'encoder', 'pos_embedding',
                   'scan_layers')
 _FEATURES = (schema.IMAGE, schema.TILE_ID, schema.LAT, schema.LON, schema.REGION)
+_GEOREFERENCE = (schema.CRS, schema.TRANSFORM)  # Read when the dataset has them.
 
 
 class Embeddings(NamedTuple):
@@ -132,6 +170,90 @@ def embed_step(params, images, *, model, mean, std, pool):
   tokens = model.apply({'params': params}, normalised)
   valid_fraction, patch_valid = patch_validity(images, model.patch_size)
   return pool_tokens(tokens, patch_valid, pool), valid_fraction
+
+
+# --- Footprints -----------------------------------------------------------------------------
+
+
+def tile_footprints(crs_names: Sequence[str], transforms: np.ndarray,
+                    tile_size: int) -> np.ndarray:
+  """(N, 5, 2) float64 footprints (see the module docstring) of tiles of ``tile_size`` px.
+
+  Args:
+    crs_names: Each tile's CRS (``schema.CRS``: 'EPSG:32633', WKT, ...; '' if none).
+    transforms: (N, 6) affine transforms (a, b, c, d, e, f), pixel (col, row) -> CRS (x, y).
+    tile_size: Pixels per side.
+
+  Raises:
+    ValueError: A CRS that GDAL cannot read, naming it.
+  """
+  crs_names = np.asarray([str(c) for c in crs_names], dtype=object)
+  transforms = np.asarray(transforms, np.float64).reshape(len(crs_names), 6)
+  out = np.full((len(crs_names), RING, 2), np.nan)
+  known = (crs_names != '') & np.isfinite(transforms).all(axis=1)
+  if not known.any():
+    return out
+  import rasterio.errors  # pylint: disable=g-import-not-at-top
+  import rasterio.warp  # pylint: disable=g-import-not-at-top
+  # Top-left, bottom-left, bottom-right, top-right corners of the grid, as (col, row).
+  cols = np.array([0.0, 0.0, tile_size, tile_size])
+  rows = np.array([0.0, tile_size, tile_size, 0.0])
+  names, transforms = crs_names[known], transforms[known]
+  a, b, c, d, e, f = (transforms[:, i:i + 1] for i in range(6))
+  x, y = a * cols + b * rows + c, d * cols + e * rows + f  # (K, 4) each.
+  corners = np.empty((len(names), 4, 2))
+  for name in dict.fromkeys(names):
+    same = names == name
+    try:
+      lon, lat = rasterio.warp.transform(name, FOOTPRINT_CRS, x[same].ravel().tolist(),
+                                         y[same].ravel().tolist())
+    except rasterio.errors.CRSError as error:
+      raise ValueError(f'tile CRS {name!r} cannot be read: {error}') from error
+    corners[same] = np.stack([np.reshape(lon, (-1, 4)), np.reshape(lat, (-1, 4))], axis=-1)
+  lon = corners[..., 0]
+  wraps = np.ptp(lon, axis=1) > 180  # Across the antimeridian: continuous longitudes.
+  corners[wraps, :, 0] = np.where(lon[wraps] < 0, lon[wraps] + 360.0, lon[wraps])
+  # Counterclockwise in (lon, lat) when the shoelace area is positive; a south-up or mirrored
+  # transform gives a clockwise one, reversed here.
+  px, py = corners[..., 0], corners[..., 1]
+  area = (px * np.roll(py, -1, axis=1) - np.roll(px, -1, axis=1) * py).sum(axis=1)
+  corners = np.where((area < 0)[:, None, None], corners[:, ::-1], corners)
+  out[known] = np.concatenate([corners, corners[:, :1]], axis=1)
+  return out
+
+
+def polygon_wkb(ring: np.ndarray) -> bytes | None:
+  """Little-endian WKB of the polygon with one exterior ``ring`` (K, 2); None if it is NaN."""
+  ring = np.asarray(ring, '<f8')
+  if not np.isfinite(ring).all():
+    return None
+  return struct.pack('<BIII', 1, 3, 1, len(ring)) + ring.tobytes()
+
+
+def wkb_ring(data: bytes | None) -> np.ndarray:
+  """The exterior ring (K, 2) of a WKB polygon written by :func:`polygon_wkb`; NaN (RING, 2) for
+  None (a null geometry)."""
+  if data is None:
+    return np.full((RING, 2), np.nan)
+  order = {0: '>', 1: '<'}.get(data[0])
+  if order is None:
+    raise ValueError(f'not WKB: byte order {data[0]}')
+  kind, rings, points = struct.unpack_from(order + 'III', data, 1)
+  if kind != 3 or rings < 1:
+    raise ValueError(f'WKB geometry type {kind} with {rings} rings; expected a polygon')
+  return np.frombuffer(data, order + 'f8', 2 * points, 13).reshape(points, 2).astype(np.float64)
+
+
+def geo_metadata(footprints: np.ndarray) -> dict[str, Any]:
+  """GeoParquet's ``geo`` file metadata of a ``geometry`` column of these footprints."""
+  column = {'encoding': 'WKB', 'geometry_types': ['Polygon'], 'crs': CRS84_PROJJSON,
+            'edges': 'planar', 'orientation': 'counterclockwise'}
+  known = np.isfinite(footprints).all(axis=(1, 2))
+  if known.any():
+    points = footprints[known].reshape(-1, 2)
+    column['bbox'] = [float(v) for v in (*points.min(axis=0), *points.max(axis=0))]
+  return {'version': GEOPARQUET_VERSION, 'primary_column': GEOMETRY,
+          'columns': {GEOMETRY: column}}
 
 
 # --- Checkpoint -----------------------------------------------------------------------------
@@ -260,6 +382,11 @@ def embed_split(checkpoint: str, data_dir: str, split: str = 'test', *,
     compiled = step_fn.lower(params, image_shape).compile()
     columns, seconds = _run(compiled, params, dataset, batch, batch_sharding, progress)
   columns['split'] = np.full(len(columns['tile_id']), split)
+  if schema.CRS in columns:
+    columns['footprint'] = tile_footprints(columns.pop(schema.CRS),
+                                           columns.pop(schema.TRANSFORM), dataset.tile_size)
+  else:  # A dataset written before tiles recorded their CRS and transform.
+    columns['footprint'] = np.full((len(columns['tile_id']), RING, 2), np.nan)
   columns = {name: columns[name] for name in COLUMNS}
   width = int(columns['embedding'].shape[1])
   info = {
@@ -275,26 +402,29 @@ def embed_split(checkpoint: str, data_dir: str, split: str = 'test', *,
 
 
 def _run(compiled, params, dataset, batch: int, batch_sharding, progress: bool):
-  """Runs ``compiled`` over the dataset; returns (columns but 'split', seconds)."""
+  """Runs ``compiled`` over the dataset; returns (columns but 'split' and 'footprint', plus
+  the tiles' CRS and transform features when the dataset has them, seconds)."""
   import tqdm  # pylint: disable=g-import-not-at-top
+  info = getattr(dataset, 'info', None) or dataset.builder.info
+  georeference = tuple(name for name in _GEOREFERENCE if name in info.features)
+  if len(georeference) < len(_GEOREFERENCE):
+    georeference = ()
   out = {name: [] for name in ('tile_id', 'region', 'lat', 'lon', 'valid_fraction',
-                               'embedding')}
+                               'embedding') + georeference}
 
   def collect(real, host_batch, result):
     embedding, valid_fraction = jax.device_get(result)
     out['embedding'].append(np.asarray(embedding, np.float32)[real])
     out['valid_fraction'].append(np.asarray(valid_fraction, np.float32)[real])
-    out['tile_id'].append(host_batch[schema.TILE_ID][real])
-    out['region'].append(host_batch[schema.REGION][real])
-    out['lat'].append(host_batch[schema.LAT][real])
-    out['lon'].append(host_batch[schema.LON][real])
+    for name in ('tile_id', 'region', 'lat', 'lon') + georeference:
+      out[name].append(host_batch[name][real])
     bar.update(int(real.sum()))
 
   start = time.perf_counter()
   pending = None
   with tqdm.tqdm(total=dataset.num_examples, unit='tile', file=sys.stderr,
                  disable=not progress, dynamic_ncols=True) as bar:
-    for host_batch in dataset.eval_batches(batch, features=_FEATURES):
+    for host_batch in dataset.eval_batches(batch, features=_FEATURES + georeference):
       real = host_batch.pop(data_input.EXAMPLE_MASK)
       images = jax.make_array_from_process_local_data(batch_sharding, host_batch[schema.IMAGE])
       result = compiled(params, images)
@@ -306,8 +436,9 @@ def _run(compiled, params, dataset, batch: int, batch_sharding, progress: bool):
       collect(*pending)
   seconds = time.perf_counter() - start
   columns = {k: np.concatenate(v) for k, v in out.items()}
-  columns['tile_id'] = np.asarray([t.decode() if isinstance(t, bytes) else str(t)
-                                   for t in columns['tile_id']], dtype=str)
+  for name in ('tile_id',) + georeference[:1]:  # Texts.
+    columns[name] = np.asarray([t.decode() if isinstance(t, bytes) else str(t)
+                                for t in columns[name]], dtype=str)
   columns['region'] = np.asarray(schema.REGIONS)[columns['region'].astype(np.int64)]
   columns['lat'] = columns['lat'].astype(np.float32)
   columns['lon'] = columns['lon'].astype(np.float32)
@@ -340,15 +471,18 @@ def check_output(path: str) -> str:
 
 
 def _check_columns(columns: Mapping[str, np.ndarray]) -> int:
-  missing = [name for name in COLUMNS if name not in columns]
+  missing = [name for name in COLUMNS if name not in columns and name not in OPTIONAL_COLUMNS]
   if missing:
     raise ValueError(f'columns {missing} are missing; expected {list(COLUMNS)}')
   embedding = np.asarray(columns['embedding'])
   if embedding.ndim != 2:
     raise ValueError(f'embedding must be (N, D), got shape {embedding.shape}')
-  rows = {name: len(columns[name]) for name in COLUMNS}
+  rows = {name: len(columns[name]) for name in COLUMNS if name in columns}
   if len(set(rows.values())) != 1:
     raise ValueError(f'columns differ in length: {rows}')
+  if 'footprint' in columns and np.shape(columns['footprint'])[1:] != (RING, 2):
+    raise ValueError(f'footprint must be (N, {RING}, 2), got shape '
+                     f'{np.shape(columns["footprint"])}')
   return embedding.shape[0]
 
 
@@ -357,7 +491,9 @@ def write_embeddings(path: str, columns: Mapping[str, np.ndarray],
   """Writes ``columns`` (:data:`COLUMNS`) and ``metadata`` to ``path`` (.parquet or .npz),
   atomically: a temporary file beside it, renamed into place, removed on any error."""
   fmt = check_output(path)
-  _check_columns(columns)
+  rows = _check_columns(columns)
+  footprint = np.asarray(columns['footprint'], np.float64) if 'footprint' in columns else \
+      np.full((rows, RING, 2), np.nan)
   strings = {name: np.asarray(columns[name]).astype(str) for name in ('tile_id', 'split',
                                                                        'region')}
   floats = {name: np.asarray(columns[name], np.float32) for name in ('lat', 'lon',
@@ -372,13 +508,17 @@ def write_embeddings(path: str, columns: Mapping[str, np.ndarray],
       arrays = {**{k: pa.array(v.tolist(), pa.string()) for k, v in strings.items()},
                 **{k: pa.array(v, pa.float32()) for k, v in floats.items()},
                 'embedding': pa.FixedSizeListArray.from_arrays(
-                    pa.array(embedding.reshape(-1), pa.float32()), embedding.shape[1])}
-      table = pa.table({name: arrays[name] for name in COLUMNS})
-      table = table.replace_schema_metadata({k: json.dumps(v) for k, v in metadata.items()})
+                    pa.array(embedding.reshape(-1), pa.float32()), embedding.shape[1]),
+                GEOMETRY: pa.array([polygon_wkb(ring) for ring in footprint], pa.binary())}
+      table = pa.table({name: arrays[name]
+                        for name in [c for c in COLUMNS if c != 'footprint'] + [GEOMETRY]})
+      file_metadata = {k: json.dumps(v) for k, v in metadata.items()}
+      file_metadata['geo'] = json.dumps(geo_metadata(footprint))
+      table = table.replace_schema_metadata(file_metadata)
       pq.write_table(table, tmp)
     else:
       with open(tmp, 'wb') as f:
-        np.savez(f, **strings, **floats, embedding=embedding,
+        np.savez(f, **strings, **floats, embedding=embedding, footprint=footprint,
                  metadata=np.asarray(json.dumps(dict(metadata))))
     os.replace(tmp, path)
   except BaseException:
@@ -388,12 +528,19 @@ def write_embeddings(path: str, columns: Mapping[str, np.ndarray],
 
 
 def read_embeddings(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """(columns, metadata) of a file written by :func:`write_embeddings`."""
+  """(columns, metadata) of a file written by :func:`write_embeddings`; the Parquet's ``geo``
+  metadata is left out (``pyarrow.parquet.read_metadata`` has it). A file written before
+  footprints has NaN ones."""
   if output_format(path) == 'parquet':
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     table = pq.read_table(path)
     columns = {}
     for name in COLUMNS:
+      if name == 'footprint':
+        rows = [wkb_ring(g) for g in table.column(GEOMETRY).to_pylist()] \
+            if GEOMETRY in table.column_names else []
+        columns[name] = np.stack(rows) if rows else np.full((table.num_rows, RING, 2), np.nan)
+        continue
       column = table.column(name).combine_chunks()
       if name == 'embedding':
         width = column.type.list_size
@@ -402,12 +549,15 @@ def read_embeddings(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         columns[name] = np.asarray(column.to_pylist(), dtype=str)
       else:
         columns[name] = column.to_numpy()
-    metadata = {k.decode(): json.loads(v) for k, v in (table.schema.metadata or {}).items()}
+    metadata = {k.decode(): json.loads(v) for k, v in (table.schema.metadata or {}).items()
+                if k != b'geo'}
     return columns, metadata
   with np.load(path) as data:
-    columns = {name: data[name] for name in COLUMNS}
+    columns = {name: data[name] for name in COLUMNS if name in data}
     metadata = json.loads(str(data['metadata']))
-  return columns, metadata
+  if 'footprint' not in columns:
+    columns['footprint'] = np.full((len(columns['tile_id']), RING, 2), np.nan)
+  return {name: columns[name] for name in COLUMNS}, metadata
 
 
 def embed_to_file(output: str, checkpoint: str, data_dir: str, split: str = 'test', *,
@@ -445,8 +595,13 @@ def _define_flags():
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from mae_jax import cli  # pylint: disable=g-import-not-at-top
-  cli.start_process(argv)
   f = flags.FLAGS
+  if not f['verbosity'].present:
+    # TensorFlow, imported next only to read files, prints its C++ start-up lines (oneDNN
+    # notice, CPU features) unless told before its import; oneDNN only changes its own math.
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+  cli.start_process(argv)
   command = shlex.join(['python', '-m', 'mae_jax.tools.embed', *sys.argv[1:]])
   try:
     result = embed_to_file(f.output, f.checkpoint, f.data_dir, f.split, regions=f.regions,
@@ -462,7 +617,12 @@ def main(argv):
         f'(compilation excluded) -> {f.output}', flush=True)
 
 
-if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
+def console_main() -> None:
+  """The ``mae-jax-embed`` command (setup.py's console script)."""
   _define_flags()
-  app.run(main)
+  from data_pipeline import console  # pylint: disable=g-import-not-at-top
+  console.run(main, __name__)
+
+
+if __name__ == '__main__':
+  console_main()

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 from absl import app
 from absl import flags
+from absl import logging
 
 from data_pipeline import replace
 from mae_jax import checkpoint as ckpt_lib
@@ -155,6 +156,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  if not f['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO (~80 lines).
   try:
     out = export(f.checkpoint, f.output, f.part, f.use_best, f.overwrite)
   except (ValueError, OSError) as e:  # Bad paths, checkpoints or outputs: the message says it.
@@ -164,6 +167,12 @@ def main(argv):
         f'(transformers.{ARCHITECTURES[f.part]}.from_pretrained)', flush=True)
 
 
-if __name__ == '__main__':
+def console_main() -> None:
+  """The ``mae-jax-export`` command (setup.py's console script)."""
   define_flags()
-  app.run(main)
+  from data_pipeline import console  # pylint: disable=g-import-not-at-top
+  console.run(main, __name__)
+
+
+if __name__ == '__main__':
+  console_main()

@@ -6,7 +6,10 @@ map; sparse until written), read-modified-written per window, so memory does not
 scene. The final pass writes the map block by block as a tiled GTiff and copies it to a COG:
   * VCF: float32 percent tree cover, the weighted mean; no-data NaN; overviews averaged.
   * WorldCover: uint8 ESA codes (``schema.WORLDCOVER_CODES``) from the argmax of the blended
-    softmax probabilities, no-data 0, with the ESA colour table; overviews nearest.
+    softmax probabilities, no-data 0, with the ESA colour table and each code's class name as a
+    band tag ``CLASS_<code>=<name>`` (``class_name_tags``); overviews nearest.
+The COG is GDAL's COG driver's: tiled at every level, overviews down to one block, IFDs before
+the data and the smallest overview's data first (what ``rio cogeo validate`` checks).
 """
 
 from __future__ import annotations
@@ -82,6 +85,15 @@ def check_output(path: str) -> None:
     raise PermissionError(f'output folder {folder!r} is not writable')
 
 
+def class_name_tags() -> dict[str, str]:
+  """The WorldCover map's band tags naming each code: ``CLASS_<code>=<name>``
+  (``schema.WORLDCOVER_NAMES``). Tags, not GDAL category names or a raster attribute table:
+  the GTiff driver keeps those only in a ``.aux.xml`` side file, which a COG copied or served
+  alone loses (and rasterio cannot write either); the tags live in the TIFF itself."""
+  return {f'CLASS_{code}': name
+          for code, name in zip(schema.WORLDCOVER_CODES, schema.WORLDCOVER_NAMES)}
+
+
 def block_size(height: int, width: int) -> int:
   """The COG's tile size: MAX_BLOCK, halved while it exceeds the map's longer side, down to
   128 (the COG driver's minimum), so a small map is not one mostly empty 512 px tile."""
@@ -112,6 +124,7 @@ def write_map(accumulator: Accumulator, task: str, path: str, cog_path: str, sce
                  for code, rgb in zip(schema.WORLDCOVER_CODES, schema.WORLDCOVER_COLORS)}
       colours[schema.WORLDCOVER_NODATA_CODE] = (0, 0, 0, 0)
       out.write_colormap(1, colours)
+      out.update_tags(1, **class_name_tags())
     out.update_tags(**tags)
     for row, col, rows, cols in scene_windows.blocks(height, width, block):
       sums = accumulator.read(row, col, rows, cols)

@@ -2,18 +2,21 @@ r"""Whole-scene prediction: a fine-tuned model applied in overlapping windows, w
 
   python -m mae_jax.tools.predict --checkpoint PATH --input scene.tif [more.tif ...] \
       --output map.tif [--overlap PX] [--batch_size N] [--nouse_best] [--units auto|dB|linear] \
-      [--noprogress]
+      [--noresample] [--noprogress]
 
 ``PATH`` is a fine-tuning or linear-probing workdir (its latest step) or one ``checkpoints/<step>``
 folder; the model, head, task and input contract come from its metadata
 (``mae_jax.tools.inference``). The parts, one job each:
   * ``mae_jax.tools.scene_reader``: which GeoTIFFs make a scene (bands, order, units, no-data)
-    and reading them in windows exactly as the dataset's tiles were made;
+    and reading them in windows exactly as the dataset's tiles were made; a scene whose pixel
+    size or CRS is not the model's is resampled onto the model's grid, and the map written on
+    that grid (``mae_jax.tools.scene_grid``), unless ``--noresample`` refuses it;
   * ``mae_jax.tools.scene_windows``: the window grid (``overlap`` px between neighbours, default
     size / 8) and the taper that blends overlapping windows;
   * this module: batches of windows with any valid pixel, jitted and sharded over every device;
   * ``mae_jax.tools.map_writer``: per-pixel sums on disk, then the map (VCF percent tree cover or
-    WorldCover codes) as a Cloud Optimized GeoTIFF on the input's grid.
+    WorldCover codes) as a Cloud Optimized GeoTIFF on the scene's grid (the model's grid when
+    the scene was resampled).
 Pixels without any valid input band are no-data in either map. Memory does not grow with the
 scene. Everything is written under temporary names in the output's folder and renamed at the
 end: on any error no partial map and no scratch file is left.
@@ -168,7 +171,8 @@ def _predict_windows(loaded, scene: Scene, size: int, overlap: int, batch_size: 
 
 def predict_scene(loaded, scene: Scene | Sequence[str], output: str, *,
                   overlap: int | None = None, batch_size: int = 0, units: str = 'auto',
-                  progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+                  resample: bool = True, progress: bool = True,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
   """Predicts a map of ``scene`` with a model from ``inference.load_downstream``.
 
   Args:
@@ -180,6 +184,8 @@ def predict_scene(loaded, scene: Scene | Sequence[str], output: str, *,
     batch_size: Windows per global batch, a multiple of the data-parallel size; 0 =
       WINDOWS_PER_DEVICE per data-parallel device.
     units: Used when ``scene`` is paths: 'auto', 'dB' or 'linear'.
+    resample: Resample a scene whose pixel size or CRS is not the model's onto the model's grid
+      (the map is then on that grid); False refuses it (``scene_reader.on_grid``).
     progress: Show a progress bar over windows (stderr).
     log: Where the summary lines go.
 
@@ -196,12 +202,9 @@ def predict_scene(loaded, scene: Scene | Sequence[str], output: str, *,
   map_writer.check_output(output)
   contract = loaded.contract
   with scene_reader.gdal_env(scene_reader.OPEN_GDAL_CACHE):
-    if not isinstance(scene, Scene):
-      scene = scene_reader.open_scene(scene, contract.band_names, units)
-    if scene.band_names != tuple(contract.band_names):
-      scene = scene_reader.open_scene(scene.paths, contract.band_names, scene.units)
-  if scene.units == 'linear':
-    log(f'{" + ".join(scene.paths)}: values are linear power; converted to dB')
+    scene = scene_reader.for_model(contract, scene, units, resample)
+  for line in scene.decisions:  # Units and grid, one line each.
+    log(line)
   size = loaded.model.image_size
   if scene.striped and scene.width > 4 * size:
     log(f'{", ".join(scene.striped)}: stored in strips, not tiles: every window decodes '
@@ -228,7 +231,8 @@ def predict_scene(loaded, scene: Scene | Sequence[str], output: str, *,
       counts = {'windows': num_windows - skipped, 'skipped': skipped}
       tags = {'MAE_JAX_TASK': loaded.task, 'MAE_JAX_CHECKPOINT': loaded.checkpoint,
               'MAE_JAX_WEIGHTS': loaded.weights, 'MAE_JAX_INPUTS': ' '.join(scene.paths),
-              'MAE_JAX_WINDOW': f'{size} px, overlap {overlap} px'}
+              'MAE_JAX_WINDOW': f'{size} px, overlap {overlap} px',
+              'MAE_JAX_INPUT_DECISIONS': '; '.join(scene.decisions)}
       map_writer.write_map(accumulator, loaded.task, prefix + '.tiled.tif', prefix + '.cog.tif', scene,
                  tags)
       os.replace(prefix + '.cog.tif', output)
@@ -253,19 +257,23 @@ def predict_scene(loaded, scene: Scene | Sequence[str], output: str, *,
 
 
 def run(checkpoint: str, inputs: Sequence[str], output: str, *, overlap: int | None = None,
-        batch_size: int = 0, use_best: bool = True, units: str = 'auto',
+        batch_size: int = 0, use_best: bool = True, units: str = 'auto', resample: bool = True,
         progress: bool = True, mesh_config: Any = None) -> dict[str, Any]:
-  """The command: checks the output folder and the inputs first (cheap), then loads the
-  checkpoint (``inference.load_downstream``) and predicts."""
+  """The command: checks the output folder and the inputs first (cheap; the grid against the
+  checkpoint's input contract, read from its metadata), then loads the checkpoint
+  (``inference.load_downstream``) and predicts."""
   from mae_jax.tools import inference  # pylint: disable=g-import-not-at-top
   map_writer.check_output(output)
   with scene_reader.gdal_env(scene_reader.OPEN_GDAL_CACHE):
     scene = scene_reader.open_scene(inputs, schema.BAND_NAMES, units)
+  contract = schema.InputContract.from_dict(
+      inference.read_finetune_metadata(checkpoint)[2]['input_contract'])
+  scene = scene_reader.on_grid(scene, contract.pixel_size_m, resample)
   loaded = inference.load_downstream(checkpoint, mesh_config=mesh_config, use_best=use_best)
   print(f'{loaded.checkpoint} ({loaded.task}, {loaded.weights} weights): {len(scene.paths)} '
         f'input file(s), {scene.width} x {scene.height} px', flush=True)
   return predict_scene(loaded, scene, output, overlap=overlap, batch_size=batch_size,
-                       progress=progress)
+                       resample=resample, progress=progress)
 
 
 # --- Command line ----------------------------------------------------------------------------
@@ -284,8 +292,12 @@ def _define_flags():
                        f'device count; 0 = {WINDOWS_PER_DEVICE} per device.')
   flags.DEFINE_bool('use_best', True, 'Use the step selected on validation loss (--nouse_best: '
                     'the last step).')
-  flags.DEFINE_enum('units', 'auto', scene_reader.UNITS, 'Units of the input values; auto detects dB or '
-                    'linear power from the VV and VH bands.')
+  flags.DEFINE_enum('units', 'auto', scene_reader.UNITS, 'Units of the input values; auto '
+                    'detects dB or linear power from the VV and VH bands; stated units that the '
+                    'values clearly contradict are refused.')
+  flags.DEFINE_bool('resample', True, 'Resample a scene whose pixel size or CRS is not the '
+                    "model's (e.g. 20 m, or EPSG:4326) onto the model's grid (bilinear in linear "
+                    'power); the map is on that grid (--noresample: refuse such a scene).')
   flags.DEFINE_bool('progress', True, 'Progress bar over windows on stderr (--noprogress: off).')
   flags.mark_flags_as_required(['checkpoint', 'input', 'output'])
 
@@ -308,12 +320,18 @@ def main(argv):
   inputs = input_paths(f.input, argv[1:])
   try:
     run(f.checkpoint, inputs, f.output, overlap=f.overlap, batch_size=f.batch_size,
-        use_best=f.use_best, units=f.units, progress=f.progress)
+        use_best=f.use_best, units=f.units, resample=f.resample, progress=f.progress)
   except (ValueError, OSError) as e:  # Bad inputs, paths or checkpoints: the message says it.
     print(f'mae_jax.tools.predict: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
 
 
-if __name__ == '__main__':
+def console_main() -> None:
+  """The ``mae-jax-predict`` command (setup.py's console script)."""
   _define_flags()
-  app.run(main)
+  from data_pipeline import console  # pylint: disable=g-import-not-at-top
+  console.run(main, __name__)
+
+
+if __name__ == '__main__':
+  console_main()

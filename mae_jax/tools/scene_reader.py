@@ -5,11 +5,17 @@ concatenated in the order given, are the model's 12 channels in ``schema.BAND_NA
 e.g. one 12-band file or three 4-band files (VV-VH, VV, VH, each winter..fall). When every band
 has a description and they name the channels (any case or separators), the bands are put in
 order by name instead. Values are sigma0 in dB (linear power is detected from the VV and VH
-bands, or stated with ``--units``, and converted; VV-VH then is the ratio). No-data as the
-GeoTIFF ingestion has it: the files' nodata values and masks, NaN and infinities, and in VV and
-VH exact 0 and values below the noise floor. Each window is then clipped and quantised as the
-dataset tiles were (``InputContract.clip_range``, float16), so a window seen here equals the
-same pixels seen as a dataset tile.
+bands, or stated with ``--units``, and converted; VV-VH then is the ratio); stated units that
+the values clearly contradict are refused. No-data as the GeoTIFF ingestion has it: the files'
+nodata values and masks, NaN and infinities, and in VV and VH exact 0 and values below the
+noise floor. Each window is then clipped and quantised as the dataset tiles were
+(``InputContract.clip_range``, float16), so a window seen here equals the same pixels seen as a
+dataset tile.
+
+A scene whose pixel size or CRS is not the model's (``InputContract.pixel_size_m`` in a
+projected CRS) is read resampled onto the model's grid, which the map is then written on
+(:func:`on_grid`; the grid, the resampling and why: ``mae_jax.tools.scene_grid``). Each decision
+(units, grid) is one line of ``Scene.decisions``.
 
 Windows are read by a few threads ahead of the model; GDAL's block cache is sized from the
 inputs' block layout and the window, not from the scene (``read_cache_bytes``;
@@ -22,6 +28,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -36,6 +43,7 @@ import rasterio.windows
 
 from data_pipeline.ingest import composite
 from data_pipeline import schema
+from mae_jax.tools import scene_grid
 from mae_jax.tools import scene_windows
 
 # GDAL's block cache (decoded input blocks, output blocks waiting to be written) is set from the
@@ -55,6 +63,7 @@ READ_CHUNK = 4
 UNITS_PATCHES = 5
 UNITS_PATCH = 64
 UNITS = ('auto', 'dB', 'linear')
+_UNIT_WORDS = {'dB': 'dB', 'linear': 'linear power'}
 # Relative tolerance (in pixel sizes) when comparing geotransforms: float text in headers.
 TRANSFORM_TOLERANCE = 1e-6
 
@@ -82,12 +91,35 @@ class Scene:
   # Per file: GDAL's block (rows, cols) and the bytes of one pixel over all its bands.
   block_shapes: tuple[tuple[int, int], ...] = ()
   bytes_per_pixel: tuple[int, ...] = ()
+  # The files' own grid when it is not the model's (on_grid): (crs, transform, height, width)
+  # above are then the model's grid, which the files are read resampled onto. None: the files
+  # are read as stored.
+  files_grid: scene_grid.Grid | None = None
+  # How the units and the grid were decided, one line each ('' = not decided here).
+  units_note: str = ''
+  grid_note: str = ''
+
+  @property
+  def files(self) -> scene_grid.Grid:
+    """The grid the files are on."""
+    return self.files_grid or scene_grid.Grid(self.crs, self.transform, self.width, self.height)
+
+  @property
+  def decisions(self) -> tuple[str, ...]:
+    return tuple(line for line in (self.units_note, self.grid_note) if line)
+
+  @property
+  def scale(self) -> float:
+    """Files' pixels per model pixel along a side (about; 1 when read as stored)."""
+    files = self.files
+    return math.sqrt(files.width * files.height / (self.width * self.height))
 
   @property
   def striped(self) -> list[str]:
     """The files stored in strips (blocks of whole rows) rather than tiles."""
+    files = self.files
     return [p for p, (rows, cols) in zip(self.paths, self.block_shapes)
-            if cols >= self.width and rows < self.height]
+            if cols >= files.width and rows < files.height]
 
 
 def _grid_differences(a, b) -> list[str]:
@@ -151,11 +183,50 @@ def _read_masked(dataset, indexes: Sequence[int], nodata: Sequence[float | None]
   return values
 
 
-def _detect_units(scene: Scene, datasets) -> str:
-  """'dB' or 'linear' (composite.detect_units) from the VV and VH channels (VV-VH is positive
-  in dB and would confuse the rule) of a grid of small full-resolution patches. Not a
-  decimated read: that goes band by band over the whole scene, and when the decoded tiles do
-  not fit GDAL's cache it decodes every tile again for every band."""
+def _read_resampled(dataset, indexes: Sequence[int], nodata: Sequence[float | None],
+                    backscatter: Sequence[bool], units: str, scene: Scene,
+                    window: rasterio.windows.Window) -> np.ndarray:
+  """As :func:`_read_masked`, for ``window`` of the model's grid of a resampled scene: the files'
+  pixels under it (and the kernel's margin) masked, then resampled (``scene_grid.warp_db``)."""
+  files = scene.files
+  transform = rasterio.windows.transform(window, scene.transform)
+  shape = (int(window.height), int(window.width))
+  source = scene_grid.source_window(files, scene.crs, transform, shape)
+  if source is None:
+    return np.full((len(indexes),) + shape, np.nan, np.float32)
+  values = _read_masked(dataset, indexes, nodata, backscatter, units, window=source)
+  return scene_grid.warp_db(values, files.crs, rasterio.windows.transform(source, files.transform),
+                            scene.crs, transform, shape)
+
+
+def _decide_units(scene: Scene, datasets, units: str) -> tuple[str, str]:
+  """(units, the line saying how they were decided). 'auto': detected
+  (composite.detect_units); stated units are checked against the same evidence and refused
+  when it clearly says otherwise (kept when it cannot tell)."""
+  values = _units_sample(scene, datasets)
+  name = ' + '.join(scene.paths)
+  try:
+    detected = composite.detect_units(values, name=name)
+  except ValueError as e:
+    if units == 'auto':
+      raise ValueError(f'{e} (here: --units dB or --units linear)') from e
+    return units, f'units: {_UNIT_WORDS[units]} (stated with --units; the values do not tell)'
+  if units == 'auto':
+    converted = ' -> converted to dB' if detected == 'linear' else ''
+    return detected, f'units: {_UNIT_WORDS[detected]} detected{converted}'
+  if units != detected:
+    raise ValueError(
+        f'{name}: --units {units} contradicts the values: {detected} detected from the VV and '
+        f'VH bands (median {np.nanmedian(values):.4g}; composite.detect_units); drop --units '
+        f'(auto) or give --units {detected}, or check the inputs')
+  return units, f'units: {_UNIT_WORDS[units]} (stated with --units; detected too)'
+
+
+def _units_sample(scene: Scene, datasets) -> np.ndarray:
+  """The VV and VH values (VV-VH is positive in dB and would confuse the units rule) of a grid
+  of small full-resolution patches, as stored (NaN = no-data). Not a decimated read: that goes
+  band by band over the whole scene, and when the decoded tiles do not fit GDAL's cache it
+  decodes every tile again for every band."""
   side = min(UNITS_PATCH, scene.height, scene.width)
   rows = np.linspace(0, scene.height - side, UNITS_PATCHES).astype(int)
   cols = np.linspace(0, scene.width - side, UNITS_PATCHES).astype(int)
@@ -170,22 +241,19 @@ def _detect_units(scene: Scene, datasets) -> str:
         window = rasterio.windows.Window(int(col), int(row), side, side)
         samples.append(_read_masked(dataset, bands, scene.nodata[f], [True] * len(bands), 'dB',
                                     window=window).ravel())
-  values = np.concatenate(samples) if samples else np.zeros(0, np.float32)
-  try:
-    return composite.detect_units(values, name=' + '.join(scene.paths))
-  except ValueError as e:
-    raise ValueError(f'{e} (here: --units dB or --units linear)') from e
+  return np.concatenate(samples) if samples else np.zeros(0, np.float32)
 
 
 def open_scene(paths: Sequence[str], band_names: Sequence[str] = schema.BAND_NAMES,
                units: str = 'auto') -> Scene:
-  """Checks the input files (exist, one grid, band count and names) and decides the units.
+  """Checks the input files (exist, one grid, band count and names) and decides the units
+  (:func:`_decide_units`). The scene is read as stored until placed :func:`on_grid`.
 
   Raises:
     FileNotFoundError: An input does not exist.
     ValueError: Different grids (naming both files and what differs), a wrong total band
-      count (naming every file's count), band descriptions that do not name the channels, or
-      units that cannot be told.
+      count (naming every file's count), band descriptions that do not name the channels,
+      units that cannot be told, or stated units that the values contradict.
   """
   if not paths:
     raise ValueError('no input files given')
@@ -219,9 +287,37 @@ def open_scene(paths: Sequence[str], band_names: Sequence[str] = schema.BAND_NAM
                   block_shapes=tuple(tuple(d.block_shapes[0]) for d in datasets),
                   bytes_per_pixel=tuple(sum(np.dtype(t).itemsize for t in d.dtypes)
                                         for d in datasets))
-    if units == 'auto':
-      scene = dataclasses.replace(scene, units=_detect_units(scene, datasets))
-  return scene
+    decided, note = _decide_units(scene, datasets, units)
+  return dataclasses.replace(scene, units=decided, units_note=note)
+
+
+def on_grid(scene: Scene, pixel_size: float = schema.PIXEL_SIZE_M, resample: bool = True) -> Scene:
+  """The scene on the model's grid (``scene_grid.model_grid``): read as stored when its files
+  are on it, else resampled onto it. Decided from the files' grid, so applying it again (with
+  another contract's pixel size) starts from the files, not from an earlier decision.
+
+  Raises:
+    ValueError: The files are not on the model's grid and ``resample`` is False.
+  """
+  files = scene.files
+  target, note = scene_grid.model_grid(files, pixel_size, resample, ' + '.join(scene.paths))
+  grid = target or files
+  return dataclasses.replace(scene, crs=grid.crs, transform=grid.transform, width=grid.width,
+                             height=grid.height, files_grid=None if target is None else files,
+                             grid_note=note)
+
+
+def for_model(contract: schema.InputContract, scene: Scene | Sequence[str], units: str = 'auto',
+              resample: bool = True) -> Scene:
+  """A scene (opened, or the input paths) opened for a model with ``contract``: its channels
+  (reopened when the contract's band names are not the scene's; the units decided before are
+  kept) and its grid (:func:`on_grid`)."""
+  if not isinstance(scene, Scene):
+    scene = open_scene(scene, contract.band_names, units)
+  if scene.band_names != tuple(contract.band_names):
+    reopened = open_scene(scene.paths, contract.band_names, scene.units)
+    scene = dataclasses.replace(reopened, units_note=scene.units_note)
+  return on_grid(scene, contract.pixel_size_m, resample)
 
 
 class SceneReader:
@@ -262,9 +358,11 @@ class SceneReader:
       # clips silently at the edge, and a boundless one goes through a VRT per call.
       r0, c0 = int(inside.row_off) - row, int(inside.col_off) - col
       r1, c1 = r0 + int(inside.height), c0 + int(inside.width)
+      read = _read_masked if scene.files_grid is None else functools.partial(
+          _read_resampled, scene=scene)
       for f, (bands, channels, backscatter) in enumerate(self._plan):
-        out[channels, r0:r1, c0:c1] = _read_masked(self._datasets[f], bands, scene.nodata[f],
-                                                   backscatter, scene.units, window=inside)
+        out[channels, r0:r1, c0:c1] = read(self._datasets[f], bands, scene.nodata[f],
+                                           backscatter, scene.units, window=inside)
     low, high = self.clip_range
     # As data_pipeline.writer.quantise_image: clip, then the storage dtype.
     return np.clip(out.transpose(1, 2, 0), low, high).astype(self.storage_dtype)
@@ -325,8 +423,11 @@ def read_cache_bytes(scene: Scene, size: int) -> int:
   """GDAL cache for reading ``size``-px windows: every block a window touches, in every file
   and band, for each reading thread, twice (so the next window along the row finds the blocks
   it shares with this one). Depends on the block layout and the window, not on the scene size,
-  except for striped (untiled) files, whose blocks are whole rows; capped at MAX_GDAL_CACHE."""
+  except for striped (untiled) files, whose blocks are whole rows; capped at MAX_GDAL_CACHE. A
+  resampled scene's window covers ``size`` times its scale of the files' pixels, and a margin."""
   need = 0
+  if scene.files_grid is not None:
+    size = math.ceil(size * scene.scale) + 2 * scene_grid.kernel_margin(scene.scale)
   for (rows, cols), bytes_per_pixel in zip(scene.block_shapes, scene.bytes_per_pixel):
     blocks = (math.ceil(size / rows) + 1) * (math.ceil(size / cols) + 1)
     need += blocks * rows * cols * bytes_per_pixel

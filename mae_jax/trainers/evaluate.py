@@ -130,6 +130,53 @@ def finalise(task: str, totals: dict[str, np.ndarray]) -> dict[str, dict[str, An
   return out
 
 
+# Scalars logged at each validation of a fine-tuning run, by task: (log name, metric name).
+LOGGED_METRICS = {'vcf': (('rmse', 'rmse'), ('mae', 'mae'), ('bias', 'bias'), ('r2', 'r2')),
+                  'worldcover': (('miou', 'miou'), ('accuracy', 'overall_accuracy'))}
+
+
+def split_scalars(task: str, totals: dict[str, np.ndarray], prefix: str = 'val_'
+                  ) -> dict[str, float]:
+  """The loss and the task's metrics (``LOGGED_METRICS``) of a whole split (``ALL``), from the
+  totals of :func:`accumulate`, as ``{prefix}loss``, ``{prefix}rmse``, ...: scalars for the
+  training logs. The loss is the sum over the count (as for best-step selection); metrics that
+  are undefined (no labelled example, a NaN prediction, R^2 of constant targets) are left out."""
+  count = float(totals['loss_count'][-1])
+  out = {f'{prefix}loss': float(totals['loss_sum'][-1]) / max(count, 1.0)}
+  if count <= 0:
+    return out
+  try:
+    if task == 'vcf':
+      metrics = metrics_lib.regression_metrics(
+          {k: v[-1] for k, v in totals.items() if k in metrics_lib.REGRESSION_SUM_KEYS})
+    else:
+      metrics = metrics_lib.segmentation_metrics(totals['confusion'][-1])
+  except ValueError:  # Non-finite sums or no labelled pixel: the loss says so already.
+    return out
+  for name, key in LOGGED_METRICS[task]:
+    value = metrics.get(key)
+    if value is not None and np.isfinite(value):
+      out[f'{prefix}{name}'] = float(value)
+  return out
+
+
+def summary_line(task: str, split: str, per_region: dict[str, dict[str, Any]]) -> str:
+  """One line of a split's metrics (:func:`finalise`): the task's metrics over the whole split,
+  then the headline metric (RMSE or mIoU) per region."""
+  logged = LOGGED_METRICS[task]
+  whole = per_region.get(ALL)
+  parts = []
+  if whole:
+    parts.append('all ' + ', '.join(f'{name} {whole[key]:.4g}' for name, key in logged
+                                     if whole.get(key) is not None))
+  regions = [r for r in schema.REGIONS if r in per_region]
+  headline, key = logged[0]
+  if regions:
+    parts.append(f'{headline} by region: ' + ', '.join(
+        f'{r} {per_region[r][key]:.4g}' for r in regions))
+  return f'{split}: ' + ('; '.join(parts) or 'no labelled example')
+
+
 def evaluate_splits(task: str, data_dir: str, eval_fn, variables, batch_sharding,
                     eval_batch: int, splits, features, keep_images: int = 0):
   """{'splits': {split: {region: metrics}}} plus, with keep_images, the kept tiles per split."""

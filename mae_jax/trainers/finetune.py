@@ -11,8 +11,12 @@ State: ``{'step', 'params', 'batch_stats', 'opt_state', 'best': {'params', 'batc
 'loss', 'step'}}``, created sharded; the best copy travels in every checkpoint, so a resumed run
 selects exactly as an uninterrupted one. Randomness (head init, drop path, label subset, data
 order) derives from ``config.seed`` and the step. The step loop (prefetch, checks, logs with
-img/s and the encoder's MFU, saves, stops) is the trainers' shared ``loop.run_steps``; the
-validation loss is logged at the steps it is measured.
+img/s and the encoder's MFU, saves, stops) is the trainers' shared ``loop.run_steps``. Each
+validation logs, at its step only, ``val_loss`` and the task's metrics of the whole validation
+split from the same pass (``val_rmse``, ``val_mae``, ``val_bias``, ``val_r2`` for VCF;
+``val_miou``, ``val_accuracy`` for WorldCover) to stdout, TensorBoard and ``metrics.jsonl``. A
+run that finishes prints a summary: the evaluated step, validation and test metrics (whole split,
+headline per region) and where the outputs are.
 """
 
 from __future__ import annotations
@@ -397,11 +401,12 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
     eval_features = features + (schema.REGION,)
     val_data = data_input.HostDataset(config.dataset.data_dir, config.dataset.validation_split)
 
-    def validation_loss(variables) -> float:
+    def validation_scalars(variables) -> dict[str, float]:
+      """val_loss (what selects the best step) and the task's metrics, from one pass."""
       totals, _ = evaluate.accumulate(
           eval_fn, variables, val_data.eval_batches(eval_batch // jax.process_count(),
                                                     features=eval_features), batch_sharding)
-      return float(totals['loss_sum'][-1] / max(totals['loss_count'][-1], 1.0))
+      return evaluate.split_scalars(task, totals, prefix='val_')
 
     interval = eval_every(config, len(records))
     loop.report(f'{task} {config.head.kind}: {len(records)} training tiles '
@@ -418,8 +423,9 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
     def between_steps(state, done, batch):  # pylint: disable=unused-argument
       if done % interval and done != total_steps:
         return state, {}
-      val_loss = validation_loss({'params': state['params'], 'batch_stats': state['batch_stats']})
-      return best_fn(state, jnp.float32(val_loss)), {'val_loss': val_loss}
+      scalars = validation_scalars({'params': state['params'],
+                                    'batch_stats': state['batch_stats']})
+      return best_fn(state, jnp.float32(scalars['val_loss'])), scalars
 
     peak, _ = flops_lib.device_peak_flops(override_tflops=config.peak_tflops_per_device)
     end = loop.run_steps(
@@ -457,8 +463,32 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
       tmp = workdir_path / 'final_metrics.json.tmp'
       tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
       tmp.rename(workdir_path / 'final_metrics.json')
+    best_loss = float(jax.device_get(state['best']['loss'])) if config.select_best else None
   writer.close()
+  for line in final_summary(config, results, best_loss, workdir, checkpointer.directory):
+    loop.report(line)
   return results
+
+
+def final_summary(config, results: dict[str, Any], best_loss: float | None, workdir: str,
+                  checkpoint_dir: str) -> list[str]:
+  """The lines printed at the end of a run: what was evaluated, its metrics per split and
+  region, where the outputs are."""
+  if best_loss is None:
+    chosen = 'the last step (config.select_best=False)'
+  else:
+    chosen = f'step {results["selected_step"]}, the lowest validation loss ({best_loss:.4g})'
+  lines = [f'Fine-tuning done: {results["task_name"]} {config.head.kind}, {results["step"]} '
+           f'steps on {results["num_train_examples"]} training tiles (label fraction '
+           f'{results["label_fraction"]}); evaluated {chosen}.']
+  lines += ['  ' + evaluate.summary_line(results['task_name'], split, per_region)
+            for split, per_region in results['splits'].items()]
+  checkpoints = checkpoint_dir.rstrip('/')
+  if checkpoints.startswith(workdir.rstrip('/') + '/'):
+    checkpoints = checkpoints[len(workdir.rstrip('/')) + 1:]
+  lines.append(f'  Outputs in {workdir}: final_metrics.json, metrics.jsonl, tensorboard/, '
+               f'{checkpoints}/.')
+  return lines
 
 
 def finetune_architecture(config) -> dict[str, Any]:

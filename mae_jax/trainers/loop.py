@@ -159,6 +159,7 @@ def run_steps(*, state, compile_step: Callable[[Any, Any], Callable], feed: faul
         logged.update(throughput.report(done))
         writer.write_scalars(done, logged)
         writer.flush()
+        checkpointer.check()  # An asynchronous save that failed stops the run now, not later.
       if save_now:
         checkpointer.save(done, state, metadata, force=True)
         last_saved = done

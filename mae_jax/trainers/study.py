@@ -168,5 +168,11 @@ def main(argv):
     run_study(config, os.path.abspath(_WORKDIR.value))
 
 
+def console_main() -> None:
+  """The ``mae-jax-study`` command (setup.py's console script)."""
+  from data_pipeline import console  # pylint: disable=g-import-not-at-top
+  console.run(main, __name__)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  console_main()
