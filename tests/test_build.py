@@ -141,7 +141,10 @@ def test_ctrl_c_stops_a_parallel_build_which_then_resumes(tmp_path, many_tiles, 
         [sys.executable, '-m', 'data_pipeline.ingest.build', '--config',
          'configs/data/geotiff.py', '--output', str(output), f'--config.areas[0].scenes={path}',
          '--config.workers=2', *settings],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+        # A shell runs background jobs with SIGINT ignored, and Python keeps an inherited
+        # SIG_IGN: give the build the default a terminal gives it, so Ctrl-C raises there.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   try:
     deadline = time.monotonic() + 120
     while (not list(output.glob('*.tfrecord-*.json')) and process.poll() is None
