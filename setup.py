@@ -3,9 +3,9 @@
 ``pip install .`` gives training, fine-tuning, evaluation, the study and the tools (predict,
 embed, export) on local dataset folders, without TensorFlow. Extras: ``[data]`` builds datasets
 (TensorFlow and TFDS; also needed to read datasets at a URL), ``[torch]`` imports PyTorch weight
-files and runs the transformers parity checks, ``[test]`` runs the test suite, ``[all]`` is all
-three. For a GPU or TPU, install JAX for it too (``pip install -U "jax[cuda12]"`` or
-``"jax[tpu]"``). The exact versions that ``make`` and CI install and test are pinned in
+files and runs the transformers parity checks, ``[onnx]`` exports fine-tuned models to ONNX
+with a STAC MLM item, ``[test]`` runs the test suite, ``[all]`` is all of them. For a GPU or TPU,
+install JAX for it too (``pip install -U "jax[cuda12]"`` or ``"jax[tpu]"``). The exact versions that ``make`` and CI install and test are pinned in
 requirements.txt, requirements-parity.txt and requirements-lock.txt.
 """
 
@@ -39,6 +39,13 @@ EXTRAS_REQUIRE = {
         'tensorflow-cpu>=2.18,<3; platform_system == "Linux" and platform_machine == "x86_64"',
         'tensorflow>=2.18,<3; platform_system != "Linux" or platform_machine != "x86_64"',
         'tensorflow-datasets>=4.9.7,<5',
+        'pystac[validation]>=1.12,<2',  # STAC items as inputs of data_pipeline.ingest.prepare.
+    ],
+    # Fine-tuned models as ONNX with a STAC MLM item (mae_jax.tools.onnx_export).
+    'onnx': [
+        'onnx>=1.17,<2',
+        'onnxruntime>=1.20,<2',
+        'pystac[validation]>=1.12,<2',
     ],
     # PyTorch weight files (.bin, .pth) and the transformers parity checks.
     'torch': [
@@ -46,7 +53,8 @@ EXTRAS_REQUIRE = {
         'transformers>=5,<6',
     ],
 }
-EXTRAS_REQUIRE['test'] = ['pytest>=8,<10', *EXTRAS_REQUIRE['data'], *EXTRAS_REQUIRE['torch']]
+EXTRAS_REQUIRE['test'] = ['pytest>=8,<10', *EXTRAS_REQUIRE['data'], *EXTRAS_REQUIRE['torch'],
+                          *EXTRAS_REQUIRE['onnx']]
 EXTRAS_REQUIRE['all'] = sorted(set(EXTRAS_REQUIRE['test']))
 
 # Console commands (what `python -m <module>` runs).
