@@ -1,6 +1,6 @@
 # Two commands for a fresh machine (Python 3.11+ with pip and venv; no GPU needed):
 #   make demo   builds the embedded dataset and pretrains the tiny MAE on it (~3 min on 2 cores)
-#   make study-quick  the label-efficiency study on that dataset (~25 min on 2 cores)
+#   make study-quick  the label-efficiency study on that dataset (~30 min on 2 cores)
 #   make test   runs the test suite on 8 fake CPU devices (~11 min on 2 cores)
 #   make test-fast  the everyday tier: no end-to-end or multi-process tests (~2 min)
 # Both create .venv from the pinned requirements on first use.
@@ -36,7 +36,7 @@ venv: $(VENV)/.installed
 
 $(DEMO_DATA)/dataset_info.json: | $(VENV)/.installed
 	$(PY) -m data_pipeline.build_synthetic --output $(DEMO_DATA) --tile_size 128 \
-	    --train 768 --validation 128 --test 128 --num_shards 8
+	    --train 768 --validation 128 --test 640 --num_shards 8
 
 demo: $(VENV)/.installed $(DEMO_DATA)/dataset_info.json
 	$(PY) -m mae_jax.main --config configs/pretrain.py:tiny --workdir $(DEMO_WORKDIR) \

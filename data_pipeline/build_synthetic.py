@@ -1,7 +1,7 @@
 r"""Builds the embedded synthetic Sentinel-1-like dataset as pre-sharded TFRecords + TFDS metadata.
 
   python -m data_pipeline.build_synthetic --output data/synthetic_tiny --tile_size 128 \
-      --train 768 --validation 128 --test 128 --num_shards 8
+      --train 768 --validation 128 --test 640 --num_shards 8
 
 Tiles come from :mod:`data_pipeline.synthetic` (deterministic in --seed and the tile index);
 splits use disjoint index ranges. The writer (:mod:`data_pipeline.writer`) is the one real data

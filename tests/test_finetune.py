@@ -18,6 +18,7 @@ from mae_jax.trainers import finetune
 from mae_jax import optim
 from mae_jax import sharding
 from mae_jax.trainers import pretrain
+from mae_jax.trainers import study_stats
 from mae_jax.models import downstream
 from mae_jax.models import mae
 
@@ -253,6 +254,18 @@ def test_finetune_then_offline_evaluation_on_another_mesh_agree(pretrained, tmp_
   for name, key in evaluate.LOGGED_METRICS[task]:
     assert selected[f'val_{name}'] == pytest.approx(final[key], rel=1e-5, abs=1e-6), name
   assert selected['val_loss'] == pytest.approx(final['loss'], rel=1e-5)
+  # The per-tile test statistics (the study's bootstrap unit) add up to the test metrics.
+  tiles = study_stats.load_tile_stats(os.path.join(workdir, study_stats.TILE_STATS_FILE))
+  assert str(tiles['task']) == task
+  for region, metrics in test.items():
+    keep = (np.ones(tiles['region'].shape, bool) if region == evaluate.ALL else
+            tiles['region'] == schema.REGIONS.index(region))
+    if task == 'vcf':
+      assert np.sqrt(np.nanmean(tiles['sq_error'][keep])) == pytest.approx(
+          metrics['rmse'], rel=1e-5)
+    else:
+      np.testing.assert_array_equal(tiles['confusion'][keep].sum(0),
+                                    metrics['confusion_matrix'])
 
   from configs import evaluate as evaluate_configs  # pylint: disable=g-import-not-at-top
   eval_config = evaluate_configs.get_config()
@@ -273,6 +286,18 @@ def test_finetune_then_offline_evaluation_on_another_mesh_agree(pretrained, tmp_
       matrix = np.array(json.load(f)['matrix'])
     assert matrix.shape == (schema.NUM_CLASSES, schema.NUM_CLASSES)
     assert matrix.sum() == written['splits']['test'][evaluate.ALL]['num_pixels']
+
+
+def test_a_study_cell_run_twice_gives_bitwise_equal_metrics(pretrained, tmp_path):
+  # Run-to-run determinism on the CPU: the study's figures are reproducible, not only close.
+  config = finetune_config(pretrained, 'worldcover')
+  config.label_fraction = 0.25
+  outputs = []
+  for name in ('first', 'second'):
+    finetune.finetune(config, str(tmp_path / name))
+    outputs.append([(tmp_path / name / file).read_bytes()
+                    for file in ('final_metrics.json', study_stats.TILE_STATS_FILE)])
+  assert outputs[0] == outputs[1]
 
 
 def test_evaluating_a_pretraining_checkpoint_is_a_clear_error(pretrained):
@@ -327,7 +352,11 @@ def test_study_grid_selects_lr_on_validation_and_resumes(pretrained, tmp_path):
         losses[candidate] = json.load(f)['splits']['validation']['all']['loss']
     assert lr == min(losses, key=losses.get)
   assert {r['num_train_examples'] for r in rows if r['fraction'] == 0.1} == {6}  # of 64 tiles
-  assert os.path.exists(paths['plot']) and 'Label savings' in open(paths['markdown']).read()
+  markdown = open(paths['markdown']).read()
+  assert os.path.exists(paths['plot']) and 'Label savings' in markdown
+  # Which code, command and seeds made the table; every cell with its interval.
+  assert '- Commit: `' in markdown and '- Seeds 0, 1;' in markdown and 'all 32.' in markdown
+  assert '| all (32) | 10 |' in markdown and '% interval' in markdown
   # Finished runs are read back, not rerun: the same table, no file rewritten.
   marker = os.path.join(study.run_dir(workdir, 'vcf', 'scratch', 1.0, rows[0]['lr'], 1),
                         'final_metrics.json')

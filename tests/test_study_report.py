@@ -8,6 +8,7 @@ from PIL import Image
 import pytest
 
 from mae_jax.trainers import study_report
+from mae_jax.trainers import study_stats
 
 FRACTIONS = study_report.FRACTIONS  # 0.001 .. 1
 
@@ -32,51 +33,26 @@ def miou_scratch(f):
 
 
 @pytest.mark.parametrize('task,scratch', [('vcf', rmse_scratch), ('worldcover', miou_scratch)])
-def test_savings_known_factor_on_log_linear_curves(task, scratch):
+def test_savings_of_a_summary_use_the_monotone_fits(task, scratch):
   # Pretrained at f equals scratch at 10 ** 0.5 f: it needs sqrt(10) times fewer labels.
   shift = 10**0.5
   summary = _summary(task, 'europe', lambda f: scratch(f * shift), scratch)
   savings = study_report.label_savings(summary, task, 'europe')
   assert list(savings) == list(FRACTIONS)
-  # Smallest fraction: the pretrained model at f_min is already better -> lower bound f / f_min.
-  assert savings[0.001] == pytest.approx(dict(factor=1.0, bound='lower', f_star=None,
-                                              scratch=scratch(0.001), upper=None))
-  # Scratch at 0.01 is reached by pretrained at 0.01 / sqrt(10), inside the grid (interpolated).
+  assert savings[0.001] == study_stats.Saving('lower', 1.0)
   for f in (0.01, 0.1, 1.0):
-    assert savings[f]['bound'] == 'exact'
-    assert savings[f]['factor'] == pytest.approx(shift, rel=1e-9)
-    assert savings[f]['f_star'] == pytest.approx(f / shift, rel=1e-9)
-
-
-@pytest.mark.parametrize('task,scratch', [('vcf', rmse_scratch), ('worldcover', miou_scratch)])
-def test_savings_lower_bound_and_not_reached(task, scratch):
-  # Pretrained at f equals scratch at 10 f: exact factor 10 at grid points.
-  better = study_report.label_savings(_summary(task, 'r', lambda f: scratch(10 * f), scratch),
-                                      task, 'r')
-  assert [better[f]['bound'] for f in FRACTIONS] == ['lower', 'lower', 'exact', 'exact']
-  assert better[0.01]['factor'] == pytest.approx(10.0)  # reached at f_min: f / f_min, a bound
-  assert better[1.0]['factor'] == pytest.approx(10.0)
-  assert better[1.0]['f_star'] == pytest.approx(0.1)
-  # Pretrained at f equals scratch at f / 10: it needs 10x more labels, beyond the grid at f=1.
-  worse = study_report.label_savings(_summary(task, 'r', lambda f: scratch(f / 10), scratch),
-                                     task, 'r')
-  assert worse[0.1]['bound'] == 'exact'
-  assert worse[0.1]['factor'] == pytest.approx(0.1)
-  assert worse[1.0] == pytest.approx(dict(factor=None, bound='not reached', f_star=None,
-                                          scratch=scratch(1.0), upper=1.0))
-
-
-def test_savings_non_monotone_takes_first_crossing():
+    assert savings[f].bound == 'exact' and savings[f].factor == pytest.approx(shift, rel=1e-9)
+  # The old first-crossing rule read 178x at 100 % here (8.5 first reached between 0.1 % and
+  # 1 %); the monotone fit of the pretrained curve pools 8 and 9 and the crossing moves.
   pretrained = dict(zip(FRACTIONS, [10.0, 8.0, 9.0, 5.0]))
-  scratch = dict(zip(FRACTIONS, [12.0, 11.0, 10.5, 8.5]))
-  summary = _summary('vcf', 'europe', pretrained.get, scratch.get)
-  savings = study_report.label_savings(summary, 'vcf', 'europe')
-  # 8.5 is first reached between 0.001 (10) and 0.01 (8): t = 0.75 of a decade above 1e-3.
-  assert savings[1.0]['f_star'] == pytest.approx(10**-2.25)
-  assert savings[1.0]['factor'] == pytest.approx(10**2.25)
-  # 10.5 is already reached at 0.001 (10 <= 10.5): lower bound 0.1 / 0.001.
-  assert savings[0.1] == pytest.approx(dict(factor=100.0, bound='lower', f_star=None,
-                                            scratch=10.5, upper=None))
+  scratch_curve = dict(zip(FRACTIONS, [12.0, 11.0, 10.5, 8.5]))
+  savings = study_report.label_savings(
+      _summary('vcf', 'europe', pretrained.get, scratch_curve.get), 'vcf', 'europe')
+  expected = study_stats.monotone_savings(FRACTIONS, [10.0, 8.0, 9.0, 5.0],
+                                          [12.0, 11.0, 10.5, 8.5], False)
+  assert list(savings.values()) == expected
+  with pytest.raises(ValueError, match='unknown task'):
+    study_report.label_savings(summary, 'ndvi', 'europe')
 
 
 def _rows(seeds=3):
@@ -143,17 +119,56 @@ def test_markdown_table():
   assert '| europe | 0.1 | 26.00 | 29.00 | -3.00 | >1x |' in lines
   assert '| europe | 1 | 23.00 | 26.00 | -3.00 | >10x |' in lines
   assert '| europe | 10 | 20.00 | 23.00 ± 0.50 | -3.00 | 10x |' in lines
-  assert '| south_america | 100 | 0.600 | 0.700 | -0.100 | n/r |' in lines
-  assert '| south_america | 10 | 0.500 | 0.600 | -0.100 | 0.1x |' in lines
+  # Pretrained worse at every fraction: no savings anywhere (the old rule read 0.1x and n/r).
+  assert '| south_america | 100 | 0.600 | 0.700 | -0.100 | none |' in lines
+  assert '| south_america | 10 | 0.500 | 0.600 | -0.100 | none |' in lines
   assert 'RMSE (pp), lower is better' in text and 'mIoU, higher is better' in text
-  assert 'seeds (n = 1–2)' in text and 'seeds (n = 1)' in text
+  assert 'seeds n = 1–2' in text and 'seeds n = 1.' in text
+
+
+def test_markdown_table_with_intervals_and_calls():
+  rng = np.random.default_rng(3)
+  base = {f: rng.gamma(2.0, 40.0 / (1 + 10 * f), (3, 50)) for f in FRACTIONS}
+  cells = {}
+  rows = []
+  for f in FRACTIONS:
+    cells[(f, 'scratch')] = {'sq_error': base[f]}
+    # Pretrained clearly better at 1 %, the same as scratch elsewhere.
+    cells[(f, 'pretrained')] = {'sq_error': base[f] * (0.3 if f == 0.01 else 1.0)}
+    for init in ('pretrained', 'scratch'):
+      for seed, value in enumerate(np.sqrt(cells[(f, init)]['sq_error'].mean(-1))):
+        rows.append({'task': 'vcf', 'region': 'europe', 'fraction': f, 'init': init,
+                     'seed': seed, 'rmse': float(value)})
+  panel = study_stats.bootstrap_panel('vcf', False, cells, replicates=200)
+  summary = study_report.summarise(rows)
+  text = study_report.markdown_table(summary, study_report.all_label_savings(summary),
+                                     {('vcf', 'europe'): panel})
+  assert ('| Region (test tiles) | Labels (%) | Pretrained | Scratch | Difference | '
+          'Clear at 95 % | Label savings |') in text
+  line = next(l for l in text.splitlines() if l.startswith('| europe (50) | 1 |'))
+  diff = panel['differences'][0.01]
+  assert f'{diff["mean"]:+.2f} [{diff["low"]:+.2f}, {diff["high"]:+.2f}]' in line
+  assert '| yes: pretrained better |' in line
+  same = next(l for l in text.splitlines() if l.startswith('| europe (50) | 100 |'))
+  assert same.endswith('| no | 1x [1x, 1x] |')  # Equal models: a factor of 1, no savings.
+  assert '200 replicates' in text
+
+
+def test_write_report_puts_provenance_first(tmp_path):
+  paths = study_report.write_report(_rows(seeds=2), tmp_path, provenance=['- Commit: `abc`'])
+  assert open(paths['markdown']).read().startswith(
+      '# Label-efficiency study\n\n- Commit: `abc`\n\n### VCF')
 
 
 def test_format_factor():
-  assert study_report.format_factor({'factor': 12.34, 'bound': 'exact'}) == '12.3x'
-  assert study_report.format_factor({'factor': 177.8, 'bound': 'exact'}) == '178x'
-  assert study_report.format_factor({'factor': 10.0, 'bound': 'lower'}) == '>10x'
-  assert study_report.format_factor({'factor': None, 'bound': 'not reached'}) == 'n/r'
+  saving = study_stats.Saving
+  assert study_report.format_factor(saving('exact', 12.34)) == '12.3x'
+  assert study_report.format_factor(saving('exact', 177.8)) == '178x'
+  assert study_report.format_factor(saving('lower', 10.0)) == '>10x'
+  assert study_report.format_factor(saving('not reached')) == 'n/r'
+  assert study_report.format_factor(saving('worse')) == 'none'
+  assert study_report.format_factor(saving('undefined')) == 'n/a'
+  assert study_report.format_factor(None) == 'n/a'
 
 
 def test_plot_and_write_report(tmp_path):

@@ -112,6 +112,45 @@ def accumulate(eval_fn, variables, batches: Iterable[dict[str, np.ndarray]], sha
   return totals, kept
 
 
+def tile_stats_step(variables, batch, *, model, mean, std, task):
+  """Per-example statistics of one global batch: a test tile is the unit the study's bootstrap
+  resamples (``mae_jax.trainers.study_stats``). VCF: squared error in percentage points squared
+  (NaN without a target); WorldCover: the tile's (C, C) confusion matrix."""
+  images, _ = preprocess.normalise(batch[schema.IMAGE], mean, std)
+  output = model.apply(variables, images)
+  labels = batch[label_feature(task)]
+  out = {'real': batch[data_input.EXAMPLE_MASK], 'region': batch[schema.REGION]}
+  if task == 'vcf':
+    target = labels.astype(jnp.float32)
+    error = output.astype(jnp.float32) - target
+    out['sq_error'] = jnp.where(jnp.isfinite(target), jnp.square(error), jnp.nan)
+  else:
+    predicted = jnp.argmax(output, -1)
+    out['confusion'] = jax.vmap(lambda l, p: metrics_lib.confusion_matrix(
+        l[None], p[None], schema.NUM_CLASSES))(labels, predicted)
+  return out
+
+
+def make_tile_stats_fn(model, mean, std, task: str):
+  return jax.jit(functools.partial(tile_stats_step, model=model, mean=mean, std=std, task=task))
+
+
+def tile_stats(tile_stats_fn, variables, batches: Iterable[dict[str, np.ndarray]], sharding
+               ) -> dict[str, np.ndarray]:
+  """Per-tile statistics of a split, in its evaluation order, padding removed: ``region``
+  (T,) index into ``schema.REGIONS``, and ``sq_error`` (T,) or ``confusion`` (T, C, C)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  parts: dict[str, list[np.ndarray]] = {}
+  for host_batch in batches:
+    out = tile_stats_fn(variables, device_batches.global_batch(host_batch, sharding))
+    out = (multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1
+           else jax.device_get(out))
+    real = np.asarray(out.pop('real'), bool)
+    for key, value in out.items():
+      parts.setdefault(key, []).append(np.asarray(value)[real])
+  return {key: np.concatenate(value) for key, value in parts.items()}
+
+
 def finalise(task: str, totals: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
   """Metrics per region name (regions without labelled examples are left out)."""
   out = {}

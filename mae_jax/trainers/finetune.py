@@ -52,6 +52,7 @@ from mae_jax.trainers import evaluate
 from mae_jax.trainers import loop
 from mae_jax.trainers import pretrain as pretrain_lib
 from mae_jax.trainers import resume
+from mae_jax.trainers import study_stats
 
 # Fields of config.model that decide the encoder's param shapes (the decoder is not restored).
 ENCODER_ARCHITECTURE_FIELDS = ('image_size', 'patch_size', 'num_channels', 'encoder',
@@ -391,9 +392,10 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
           out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
       best_fn = jax.jit(keep_best, in_shardings=(state_sharding, None),
                         out_shardings=state_sharding, donate_argnums=(0,))
-      return step_fn, best_fn, evaluate.make_eval_fn(eval_model, mean, std, task)
+      return (step_fn, best_fn, evaluate.make_eval_fn(eval_model, mean, std, task),
+              evaluate.make_tile_stats_fn(eval_model, mean, std, task))
 
-    step_fn, best_fn, eval_fn = cached(
+    step_fn, best_fn, eval_fn, tile_stats_fn = cached(
         cache, ('functions', train_model, tx, tuple(mean.tolist()), tuple(std.tolist()), task,
          sharding_key(state_sharding)), build_functions)
     seed = jnp.int32(config.seed)
@@ -459,7 +461,15 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
     results.update({'step': total_steps, 'selected_step': best_step, 'task_name': task,
                     'init_checkpoint': init_from, 'label_fraction': config.label_fraction,
                     'num_train_examples': len(records)})
+    # Per-tile test statistics, for the study's intervals (bootstrap over test tiles). Written
+    # before final_metrics.json, which marks the run as finished.
+    test_tiles = evaluate.tile_stats(
+        tile_stats_fn, variables,
+        data_input.HostDataset(config.dataset.data_dir, config.dataset.test_split).eval_batches(
+            eval_batch // jax.process_count(), features=eval_features), batch_sharding)
     if jax.process_index() == 0:
+      study_stats.save_tile_stats(str(workdir_path / study_stats.TILE_STATS_FILE), task,
+                                  test_tiles)
       tmp = workdir_path / 'final_metrics.json.tmp'
       tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
       tmp.rename(workdir_path / 'final_metrics.json')

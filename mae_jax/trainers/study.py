@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from typing import Any
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+import numpy as np
 
 from mae_jax import cli
 from mae_jax import distributed
@@ -123,7 +126,63 @@ def rows_of(study, result: dict[str, Any], task, init, fraction, lr, seed) -> li
   return rows
 
 
-def run_study(study, workdir: str) -> dict[str, str]:
+def source_commit() -> str:
+  """The git commit of this source tree, '+ changes' when tracked files differ from it, or
+  'unknown' outside a git checkout: results.md says which code produced its figures."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  def git(*args):
+    return subprocess.run(['git', '-C', root, *args], capture_output=True, text=True,
+                          check=True, timeout=30).stdout.strip()
+  try:
+    commit = git('rev-parse', '--short=12', 'HEAD')
+    changed = git('status', '--porcelain', '--untracked-files=no')
+  except (OSError, subprocess.SubprocessError):
+    return 'unknown'
+  return commit + (' + uncommitted changes' if changed else '')
+
+
+def panels_of(study, task_runs: dict[tuple[str, float, str], list[str]]) -> dict:
+  """Bootstrap panels (study_stats.bootstrap_panel) per (task, test region), from the per-tile
+  test statistics of the runs: (task, fraction, init) -> run folders in seed order."""
+  from data_pipeline import schema  # pylint: disable=g-import-not-at-top
+  from mae_jax.trainers import study_report  # pylint: disable=g-import-not-at-top
+  from mae_jax.trainers import study_stats  # pylint: disable=g-import-not-at-top
+  panels = {}
+  for task in study.tasks:
+    loaded = {(fraction, init): [study_stats.load_tile_stats(
+                  os.path.join(path, study_stats.TILE_STATS_FILE)) for path in paths]
+              for (t, fraction, init), paths in task_runs.items() if t == task}
+    for region in study.test_regions:
+      cells = {}
+      for key, runs in loaded.items():
+        regions = {r['region'].tobytes() for r in runs}
+        if len(regions) != 1:
+          raise ValueError(f'{task} runs of {key} were tested on different tiles')
+        keep = (np.ones(runs[0]['region'].shape, bool) if region == 'all' else
+                runs[0]['region'] == schema.REGIONS.index(region))
+        name = 'sq_error' if task == 'vcf' else 'confusion'
+        cells[key] = {name: np.stack([r[name][keep] for r in runs])}
+      panels[(task, region)] = study_stats.bootstrap_panel(
+          task, study_report.HEADLINE[task].higher_is_better, cells,
+          replicates=study.bootstrap_replicates, seed=study.bootstrap_seed)
+  return panels
+
+
+def provenance(study, argv: list[str], tiles: dict[str, int], minutes: float) -> list[str]:
+  """The lines at the head of results.md: which code, command, data and seeds."""
+  config = json.dumps(json.loads(study.to_json_best_effort()), sort_keys=True)
+  return [
+      f'- Commit: `{source_commit()}`; command: `{" ".join(argv)}` ({minutes:.1f} min).',
+      f'- Seeds {", ".join(str(s) for s in study.seeds)}; learning rates '
+      f'{", ".join(f"{lr:g}" for lr in study.lr_sweep)} swept on seed {study.seeds[0]} per '
+      '(task, fraction, init), selected on validation loss (selected_lr.json).',
+      f'- Data `{study.data_dir}`; test tiles: ' +
+      ', '.join(f'{region} {count}' for region, count in tiles.items()) + '.',
+      f'- Study config: `{config}`',
+  ]
+
+
+def run_study(study, workdir: str, argv: list[str] | None = None) -> dict[str, str]:
   from mae_jax.trainers import study_report  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'study_config.json'), 'w') as f:
@@ -133,7 +192,7 @@ def run_study(study, workdir: str) -> dict[str, str]:
   from mae_jax.trainers import finetune  # pylint: disable=g-import-not-at-top
   # The study's runs differ in data, seed and init values only: they share compiled functions.
   cache = finetune.CompileCache()
-  rows, selections = [], {}
+  rows, selections, task_runs = [], {}, {}
   seeds = list(study.seeds)
   for task in study.tasks:
     for fraction in study.fractions:
@@ -149,7 +208,15 @@ def run_study(study, workdir: str) -> dict[str, str]:
                     run_once(study, workdir, task, init, fraction, best_lr, seed, checkpoint,
                              cache))
           rows.extend(rows_of(study, result, task, init, fraction, best_lr, seed))
-  paths = study_report.write_report(rows, workdir)
+          task_runs.setdefault((task, fraction, init), []).append(
+              run_dir(workdir, task, init, fraction, best_lr, seed))
+  panels = panels_of(study, task_runs)
+  tiles = {region: panel['num_tiles'] for (task, region), panel in panels.items()
+           if task == study.tasks[0]}
+  minutes = (time.perf_counter() - t0) / 60
+  paths = study_report.write_report(
+      rows, workdir, panels,
+      provenance(study, argv or ['python -m mae_jax.trainers.study'], tiles, minutes))
   with open(os.path.join(workdir, 'selected_lr.json'), 'w') as f:
     json.dump(selections, f, indent=2, sort_keys=True)
   minutes = (time.perf_counter() - t0) / 60
@@ -165,7 +232,8 @@ def main(argv):
   if _QUICK.value and config.preset != 'quick':
     raise app.UsageError(f'--quick but --config is the {config.preset!r} preset')
   with distributed.exit_on_error():
-    run_study(config, os.path.abspath(_WORKDIR.value))
+    run_study(config, os.path.abspath(_WORKDIR.value),
+              ['python -m mae_jax.trainers.study', *sys.argv[1:]])
 
 
 def console_main() -> None:

@@ -28,6 +28,7 @@ import numpy as np
 from data_pipeline import atomic
 from data_pipeline import render
 from data_pipeline import schema
+from mae_jax.trainers import study_stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,63 +192,18 @@ def _curve(summary: Mapping[SummaryKey, Any], task: str, region: str,
 
 
 def label_savings(summary: Mapping[SummaryKey, Any], task: str,
-                  region: str) -> dict[float, dict[str, Any]]:
-  """How many times fewer labels the pretrained model needs to match the scratch model.
-
-  For each fraction f of the scratch curve, with scratch mean m_s(f): f* is the smallest fraction
-  at which the pretrained mean curve, interpolated linearly in log10(fraction) between its grid
-  points, reaches m_s(f) ('reaches' = <= for lower-is-better metrics, >= otherwise). Segments are
-  scanned in increasing fraction, so a non-monotone curve gives its first crossing.
-
-  Returns:
-    f -> dict with ``factor``, ``bound``, ``f_star`` and ``scratch`` (= m_s(f)), where
-    ``bound`` is one of:
-
-    * 'exact': f* lies on the pretrained grid's range; ``factor`` = f / f* (below 1 when the
-      pretrained model is worse).
-    * 'lower': the pretrained model at the smallest grid fraction f_min already reaches m_s(f),
-      so f* <= f_min is not bracketed; ``factor`` = f / f_min is a lower bound, ``f_star`` None.
-    * 'not reached': the pretrained curve does not reach m_s(f) up to the largest grid fraction
-      f_max; ``factor`` and ``f_star`` are None. If it reaches it at all, it is beyond f_max, so
-      the factor is below ``upper`` = f / f_max (also returned).
-    * 'undefined': m_s(f) is NaN (a diverged scratch run) or every pretrained mean is NaN;
-      ``factor`` None.
-
-    Pretrained grid points with a NaN mean are left out of the curve.
-  """
+                  region: str) -> dict[float, study_stats.Saving]:
+  """Label savings of one (task, region) from the mean curves, on monotone fits
+  (:func:`mae_jax.trainers.study_stats.monotone_savings`): fraction -> Saving."""
   if task not in HEADLINE:
     raise ValueError(f'unknown task {task!r} (known: {sorted(HEADLINE)})')
-  higher = HEADLINE[task].higher_is_better
   scratch_f, scratch_m = _curve(summary, task, region, 'scratch')
   pre_f, pre_m = _curve(summary, task, region, 'pretrained')
-  if not scratch_f.size or not pre_f.size:
-    raise ValueError(f'label_savings needs pretrained and scratch results for {task}/{region}')
-  finite = np.isfinite(pre_m)
-  pre_f, pre_m = pre_f[finite], pre_m[finite]
-  log_f = np.log10(pre_f)
-
-  def reaches(value: float, target: float) -> bool:
-    return value >= target if higher else value <= target
-
-  out = {}
-  for f, target in zip(scratch_f.tolist(), scratch_m.tolist()):
-    result = {'factor': None, 'bound': 'not reached', 'f_star': None, 'scratch': target,
-              'upper': f / pre_f[-1] if pre_f.size else None}
-    if not math.isfinite(target) or not pre_f.size:
-      result.update(bound='undefined', upper=None)
-    elif reaches(pre_m[0], target):
-      result.update(factor=f / pre_f[0], bound='lower', upper=None)
-    else:
-      for i in range(1, pre_f.size):
-        if reaches(pre_m[i], target):
-          # pre_m[i - 1] does not reach the target and pre_m[i] does, so they differ and the
-          # straight segment between them crosses the target once, at t in (0, 1].
-          t = (target - pre_m[i - 1]) / (pre_m[i] - pre_m[i - 1])
-          f_star = float(10**(log_f[i - 1] + t * (log_f[i] - log_f[i - 1])))
-          result.update(factor=f / f_star, bound='exact', f_star=f_star, upper=None)
-          break
-    out[f] = result
-  return out
+  if not scratch_f.size or not np.array_equal(scratch_f, pre_f):
+    raise ValueError(f'label_savings needs pretrained and scratch results at the same '
+                     f'fractions for {task}/{region}')
+  return dict(zip(scratch_f.tolist(), study_stats.monotone_savings(
+      scratch_f, pre_m, scratch_m, HEADLINE[task].higher_is_better)))
 
 
 def all_label_savings(summary: Mapping[SummaryKey, Any]) -> dict[tuple[str, str], dict]:
@@ -265,15 +221,23 @@ def all_label_savings(summary: Mapping[SummaryKey, Any]) -> dict[tuple[str, str]
 # --- Markdown --------------------------------------------------------------------------------
 
 
-def format_factor(saving: Mapping[str, Any] | None) -> str:
-  """'12.3x' (exact), '>10x' (lower bound), 'n/r' (not reached), 'n/a' (undefined or missing)."""
-  if saving is None or saving['bound'] == 'undefined':
+def _format_number(value: float) -> str:
+  return f'{value:.0f}' if value >= 100 else f'{value:.3g}'
+
+
+def format_factor(saving: study_stats.Saving | None) -> str:
+  """'12.3x' (exact), '>10x' (lower bound), 'n/r' (not reached), 'none' (the pretrained mean
+  is worse), 'n/a' (undefined or missing)."""
+  if saving is None or saving.bound == 'undefined':
     return 'n/a'
-  if saving['bound'] == 'not reached':
-    return 'n/r'
-  factor = saving['factor']
-  text = f'{factor:.0f}' if factor >= 100 else f'{factor:.3g}'
-  return ('>' if saving['bound'] == 'lower' else '') + text + 'x'
+  if saving.bound in ('not reached', 'worse'):
+    return {'not reached': 'n/r', 'worse': 'none'}[saving.bound]
+  return ('>' if saving.bound == 'lower' else '') + _format_number(saving.factor) + 'x'
+
+
+def _format_factor_value(value: float) -> str:
+  """An interval end of a factor (study_stats.Saving.value): 0 means no savings."""
+  return 'none' if value == 0 else _format_number(value) + 'x'
 
 
 def _format_percent(fraction: float) -> str:
@@ -289,44 +253,82 @@ def _format_stat(stat: Mapping[str, Any] | None, digits: int) -> str:
   return text
 
 
+def _format_interval(cell: Mapping[str, Any], digits: int, sign: str = '') -> str:
+  return (f'{cell["mean"]:{sign}.{digits}f} [{cell["low"]:{sign}.{digits}f}, '
+          f'{cell["high"]:{sign}.{digits}f}]')
+
+
+PANEL_NOTE = (
+    'Cells: mean over seeds on the whole test set [95 % interval]. Intervals come from a '
+    'two-level bootstrap ({replicates} replicates) that resamples test tiles and seeds '
+    '(mae_jax/trainers/study_stats.py); the difference pretrained − scratch is paired (same '
+    'seeds, same resampled tiles) and is *clear* when its interval excludes 0. Label savings '
+    '= f / f*, where f* is the fraction at which the monotone fit of the pretrained curve '
+    '(linear in log10 fraction) reaches the monotone fit of the scratch curve at f; '
+    "'>Nx' = reached at the smallest fraction already (a lower bound), 'n/r' = not reached "
+    "within the grid, 'none' = the pretrained mean at f is worse than scratch's; an interval "
+    "end 'none' means no savings in that share of the replicates.")
+
+
 def markdown_table(summary: Mapping[SummaryKey, Any],
-                   savings: Mapping[tuple[str, str], Mapping[float, Any]]) -> str:
+                   savings: Mapping[tuple[str, str], Mapping[float, Any]],
+                   panels: Mapping[tuple[str, str], Mapping[str, Any]] | None = None) -> str:
   """One Markdown table per task: rows (region, labels %), pretrained vs scratch, savings.
 
   Args:
     summary: From :func:`summarise`.
-    savings: (task, region) -> :func:`label_savings` output, e.g. from :func:`all_label_savings`.
+    savings: (task, region) -> :func:`label_savings` output, e.g. from :func:`all_label_savings`
+      (used where ``panels`` lacks the panel).
+    panels: (task, region) -> :func:`mae_jax.trainers.study_stats.bootstrap_panel` output; with
+      it every cell, difference and saving carries its 95 % interval and each difference is
+      called (clear or not). Without it: mean ± std over seeds.
   """
   tasks, regions = _panels(summary)
+  panels = panels or {}
   parts = []
   for task in tasks:
     headline = HEADLINE[task]
+    digits = headline.digits
     seeds = sorted({s['n_seeds'] for k, s in summary.items() if k[0] == task})
     n_seeds = str(seeds[0]) if len(seeds) == 1 else f'{seeds[0]}–{seeds[-1]}'
     direction = 'higher' if headline.higher_is_better else 'lower'
-    parts += [
-        f'### {headline.title}: {headline.axis_label}',
-        '',
-        f'{headline.axis_label}, {direction} is better; mean ± sample std (ddof=1) over '
-        f'seeds (n = {n_seeds}). Difference = pretrained − scratch. Label savings = f / f*, '
-        'where f* is the fraction at which the pretrained curve (linear in log10 fraction) '
-        "reaches the scratch mean at f; '>Nx' = reached already at the smallest fraction "
-        "(lower bound), 'n/r' = not reached within the grid.",
-        '',
-        '| Region | Labels (%) | Pretrained | Scratch | Difference | Label savings |',
-        '|---|---:|---:|---:|---:|---:|',
-    ]
+    with_intervals = any((task, region) in panels for region in regions)
+    parts += [f'### {headline.title}: {headline.axis_label}', '',
+              f'{headline.axis_label}, {direction} is better; seeds n = {n_seeds}.', '']
+    if with_intervals:
+      replicates = {p.get('replicates') for k, p in panels.items() if k[0] == task}
+      parts += [PANEL_NOTE.format(replicates='/'.join(str(r) for r in sorted(replicates))), '',
+                '| Region (test tiles) | Labels (%) | Pretrained | Scratch | Difference | '
+                'Clear at 95 % | Label savings |',
+                '|---|---:|---:|---:|---:|---|---:|']
+    else:
+      parts += ['Mean ± sample std (ddof=1) over seeds. Difference = pretrained − scratch. '
+                'Label savings on monotone fits of the mean curves (see study_stats.py).', '',
+                '| Region | Labels (%) | Pretrained | Scratch | Difference | Label savings |',
+                '|---|---:|---:|---:|---:|---:|']
     for region in regions:
       fractions = sorted({k[2] for k in summary if k[0] == task and k[1] == region})
+      panel = panels.get((task, region))
       for fraction in fractions:
         pre = summary.get((task, region, fraction, 'pretrained'))
         scr = summary.get((task, region, fraction, 'scratch'))
-        diff = (f'{pre["mean"] - scr["mean"]:+.{headline.digits}f}'
-                if pre is not None and scr is not None else '–')
+        if panel is not None and fraction in panel['differences']:
+          diff = panel['differences'][fraction]
+          saving = panel['savings'][fraction]
+          call = f'yes: {diff["better"]} better' if diff['clear'] else 'no'
+          parts.append(
+              f'| {region} ({panel["num_tiles"]}) | {_format_percent(fraction)} | '
+              f'{_format_interval(panel["cells"][(fraction, "pretrained")], digits)} | '
+              f'{_format_interval(panel["cells"][(fraction, "scratch")], digits)} | '
+              f'{_format_interval(diff, digits, "+")} | {call} | '
+              f'{format_factor(saving["saving"])} [{_format_factor_value(saving["low"])}, '
+              f'{_format_factor_value(saving["high"])}] |')
+          continue
+        diff_text = (f'{pre["mean"] - scr["mean"]:+.{digits}f}'
+                     if pre is not None and scr is not None else '–')
         saving = savings.get((task, region), {}).get(fraction)
-        parts.append(f'| {region} | {_format_percent(fraction)} | '
-                     f'{_format_stat(pre, headline.digits)} | '
-                     f'{_format_stat(scr, headline.digits)} | {diff} | {format_factor(saving)} |')
+        parts.append(f'| {region} | {_format_percent(fraction)} | {_format_stat(pre, digits)} | '
+                     f'{_format_stat(scr, digits)} | {diff_text} | {format_factor(saving)} |')
     parts.append('')
   return '\n'.join(parts)
 
@@ -338,15 +340,18 @@ _STYLE = {'pretrained': dict(color='tab:blue', marker='o'),
 
 
 def plot_study(summary: Mapping[SummaryKey, Any], path: str | os.PathLike | None = None, *,
+               panels: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
                panel_inches: tuple[float, float] = (4.0, 3.0),
                dpi: int = 150) -> matplotlib.figure.Figure:
   """Plots headline metric vs label percentage: one panel per (task, region).
 
   Rows are tasks, columns regions; each panel has the pretrained and scratch mean curves with
-  markers and a band spanning their min–max over seeds, on a log x axis.
+  markers and a band: the 95 % bootstrap interval where ``panels`` has the panel, else the
+  min–max over seeds; on a log x axis.
 
   Args:
     summary: From :func:`summarise`.
+    panels: (task, region) -> :func:`mae_jax.trainers.study_stats.bootstrap_panel` output.
     path: Where to write the PNG (parent folders are created); None to only return the figure.
     panel_inches: (width, height) of one panel.
     dpi: Resolution of the PNG.
@@ -381,8 +386,14 @@ def plot_study(summary: Mapping[SummaryKey, Any], path: str | os.PathLike | None
           continue
         percent = np.asarray([100 * f for f, _ in stats])
         ax.plot(percent, [s['mean'] for _, s in stats], label=init, **_STYLE[init])
-        ax.fill_between(percent, [s['min'] for _, s in stats], [s['max'] for _, s in stats],
-                        color=_STYLE[init]['color'], alpha=0.2, linewidth=0)
+        cells = (panels or {}).get((task, region), {}).get('cells', {})
+        if all((f, init) in cells for f, _ in stats):
+          low = [cells[(f, init)]['low'] for f, _ in stats]
+          high = [cells[(f, init)]['high'] for f, _ in stats]
+        else:
+          low, high = [s['min'] for _, s in stats], [s['max'] for _, s in stats]
+        ax.fill_between(percent, low, high, color=_STYLE[init]['color'], alpha=0.2,
+                        linewidth=0)
       ax.set_xscale('log')
       ticks = sorted({100 * k[2] for k in keys})
       ax.set_xticks(ticks, [f'{t:g}' for t in ticks])
@@ -391,7 +402,9 @@ def plot_study(summary: Mapping[SummaryKey, Any], path: str | os.PathLike | None
       ax.set_ylabel(headline.axis_label)
       ax.grid(True, alpha=0.3)
       ax.legend(fontsize=8)
-  figure.suptitle('lines: mean over seeds; bands: min–max over seeds', fontsize=9)
+  figure.suptitle('lines: mean over seeds; bands: ' + (
+      '95 % bootstrap interval (test tiles and seeds)' if panels else 'min–max over seeds'),
+      fontsize=9)
   figure.tight_layout()
   if path is not None:
     path = os.fspath(path)
@@ -405,10 +418,19 @@ def plot_study(summary: Mapping[SummaryKey, Any], path: str | os.PathLike | None
 # --- Everything at once ----------------------------------------------------------------------
 
 
-def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) -> dict[str, str]:
+def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
+                 panels: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
+                 provenance: Sequence[str] = ()) -> dict[str, str]:
   """Writes results.csv, results.md and study.png into ``out_dir`` (created if needed).
 
   The CSV is written first, so the raw results survive if a later step fails.
+
+  Args:
+    rows: One per (task, region, fraction, init, seed).
+    out_dir: The folder.
+    panels: (task, region) -> :func:`mae_jax.trainers.study_stats.bootstrap_panel` output, for
+      intervals in the table and the plot.
+    provenance: Lines for the head of results.md (commit, command, seeds, config).
 
   Returns:
     {'csv': path, 'markdown': path, 'plot': path}.
@@ -419,7 +441,73 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) 
            (('csv', 'results.csv'), ('markdown', 'results.md'), ('plot', 'study.png'))}
   write_csv(rows, paths['csv'])
   summary = summarise(rows)
-  table = markdown_table(summary, all_label_savings(summary))
-  atomic.write_bytes(paths['markdown'], ('# Label-efficiency study\n\n' + table).encode('utf-8'))
-  plot_study(summary, paths['plot'])
+  table = markdown_table(summary, all_label_savings(summary), panels)
+  head = '# Label-efficiency study\n\n' + ''.join(f'{line}\n' for line in provenance)
+  atomic.write_bytes(paths['markdown'], (head + ('\n' if provenance else '') + table).encode(
+      'utf-8'))
+  plot_study(summary, paths['plot'], panels=panels)
   return paths
+
+
+# --- The README's copy of a committed results.md ---------------------------------------------
+
+README_BEGIN = '<!-- BEGIN {name}: generated from {results} by `{command}` -->'
+README_END = '<!-- END {name} -->'
+SYNC_COMMAND = 'python -m mae_jax.trainers.study_report --results {results} --readme {readme}'
+
+
+def readme_block(results_text: str) -> str:
+  """What the README shows of a results.md: everything under its title, headings one level
+  down (the README nests them in its own section)."""
+  lines = results_text.splitlines()
+  if not lines or not lines[0].startswith('# '):
+    raise ValueError('not a study results.md: it must start with its "# " title')
+  body = '\n'.join(lines[1:]).strip('\n')
+  return re.sub(r'^(#{2,5}) ', r'#\1 ', body, flags=re.MULTILINE)
+
+
+def _markers(results: str, readme: str) -> tuple[str, str]:
+  name = f'study table {results}'
+  command = SYNC_COMMAND.format(results=results, readme=readme)
+  return (README_BEGIN.format(name=name, results=results, command=command),
+          README_END.format(name=name))
+
+
+def readme_section(readme_text: str, results: str, readme: str) -> str:
+  """The README's current copy between the markers of ``results`` (ValueError if absent)."""
+  begin, end = _markers(results, readme)
+  if readme_text.count(begin) != 1 or readme_text.count(end) != 1:
+    raise ValueError(f'{readme} needs exactly one pair of markers for {results}:\n{begin}\n{end}')
+  return readme_text.split(begin, 1)[1].split(end, 1)[0].strip('\n')
+
+
+def sync_readme(results: str, readme: str) -> bool:
+  """Rewrites the README's copy of ``results`` (paths relative to the repository root, as the
+  markers name them); returns whether anything changed."""
+  text = epath.Path(readme).read_text()
+  current = readme_section(text, results, readme)
+  wanted = readme_block(epath.Path(results).read_text())
+  if current == wanted:
+    return False
+  begin, end = _markers(results, readme)
+  head, rest = text.split(begin, 1)
+  tail = rest.split(end, 1)[1]
+  atomic.write_bytes(readme, f'{head}{begin}\n{wanted}\n{end}{tail}'.encode('utf-8'))
+  return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """``python -m mae_jax.trainers.study_report --results R --readme README.md``: copies R's
+  tables into the README between its markers (after a study moved the figures)."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=main.__doc__)
+  parser.add_argument('--results', required=True, help='A committed results.md.')
+  parser.add_argument('--readme', default='README.md')
+  args = parser.parse_args(argv)
+  changed = sync_readme(args.results, args.readme)
+  print(f'{args.readme}: ' + ('updated from ' if changed else 'already matches ') + args.results)
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())
