@@ -19,6 +19,10 @@ Presets:
     the ``tiny`` model pretrained here for ``pretrain_steps`` on the pretraining regions only,
     then 60 fine-tuning steps of batch 32 per run, 4 seeds (80 runs); about 30 minutes on 2 CPU
     cores.
+  * ``probe``: linear probes (frozen encoder, configs/linear_probe.py's tiny recipe: 300 steps
+    of batch 32, peak lr 1e-2) of the pretrained and of a random encoder, all labels, 3 seeds,
+    on the same data and pretraining as ``quick`` (pass
+    ``--config.pretrain_checkpoint=workdirs/study_quick/pretrain`` to reuse it); 12 runs.
   * ``full``: the ``poster`` model and protocol (full fine-tuning, AdamW constant, 100 epochs,
     best validation step); point ``pretrain_checkpoint`` at a pretraining workdir.
 """
@@ -28,7 +32,7 @@ import ml_collections
 from configs import preset_args
 from data_pipeline import schema
 
-PRESETS = ('quick', 'full')
+PRESETS = ('quick', 'probe', 'full')
 
 
 def get_config(arg: str = 'quick') -> ml_collections.ConfigDict:
@@ -52,6 +56,8 @@ def get_config(arg: str = 'quick') -> ml_collections.ConfigDict:
   # ('' = the preset's default protocol), then these overrides.
   c.finetune_preset = 'tiny'
   c.finetune_protocol = ''
+  # 'finetune' (a trained head on a trained encoder) or 'linear_probe' (frozen encoder).
+  c.head_kind = 'finetune'
   c.finetune_overrides = ml_collections.ConfigDict()
   # Intervals (mae_jax/trainers/study_stats.py): bootstrap replicates over test tiles and seeds,
   # and the seed of the draws (fixed, so that the same runs give the same table).
@@ -63,11 +69,16 @@ def get_config(arg: str = 'quick') -> ml_collections.ConfigDict:
     c.lr_sweep = (3e-4, 1e-3)
     c.finetune_overrides.total_steps = 60
     c.finetune_overrides.eval_every_steps = 20
+  elif preset == 'probe':
+    c.pretrain_steps = 600
+    c.head_kind = 'linear_probe'
+    c.fractions = (1.0,)
+    c.lr_sweep = (1e-2 * 256 / 32,)  # The probe recipe's rate (scaled by batch / 256 inside).
   elif preset == 'full':
     c.data_dir = ''
     c.pretrain_preset = 'poster'
     c.finetune_preset = 'poster'
     c.lr_sweep = (5e-5, 1.5e-4, 5e-4)
   else:
-    raise ValueError(f'unknown preset {preset!r}: use quick or full')
+    raise ValueError(f'unknown preset {preset!r}: use one of {PRESETS}')
   return c

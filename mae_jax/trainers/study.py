@@ -72,7 +72,8 @@ def stop_study() -> None:
 def finetune_config(study, task: str, init: str, fraction: float, lr: float, seed: int,
                     checkpoint: str):
   from configs import downstream  # pylint: disable=g-import-not-at-top
-  config = downstream.build(task, 'finetune', study.finetune_preset, study.finetune_protocol)
+  config = downstream.build(task, study.head_kind, study.finetune_preset,
+                            study.finetune_protocol)
   config.update(study.finetune_overrides.to_dict())
   config.dataset.data_dir = study.data_dir
   config.seed = seed
