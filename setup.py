@@ -67,6 +67,7 @@ CONSOLE_SCRIPTS = [
     'mae-jax-build-dataset = data_pipeline.ingest.build:console_main',
     'mae-jax-inspect-dataset = data_pipeline.ingest.inspect:console_main',
     'mae-jax-synthetic-dataset = data_pipeline.build_synthetic:console_main',
+    'mae-jax-prepare = data_pipeline.ingest.prepare:console_main',  # Acquisitions -> input stack.
 ]
 
 setup(
@@ -74,6 +75,8 @@ setup(
     version='0.1.0',
     description='Masked autoencoders (ViT-MAE) for Sentinel-1 SAR in JAX/Flax, pod-scale.',
     packages=find_packages(include=['mae_jax*', 'data_pipeline*', 'configs*']),
+    # The STAC extension schemas that ONNX exports validate their MLM item against, offline.
+    package_data={'mae_jax.tools': ['schemas/*.json', 'schemas/README.md', 'schemas/LICENSE']},
     python_requires='>=3.11',
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -17,6 +17,16 @@ why a unit gave no tile). Then:
   * when every shard is done, the per-channel mean/std of the training split (over valid pixels
     of the stored float16 values) go into the :class:`schema.InputContract` in the TFDS metadata,
     and ``dataset_info.json`` is written last: until then no TFDS reader opens the folder;
+  * a channel without a single valid pixel in the whole training split (a season no acquisition
+    covers: a single-date or partial-season archive) borrows the statistics of its product's
+    seasons that have data (VV from the VV seasons, VH from the VH ones, VV-VH from VV-VH),
+    pooled over their valid pixels (:meth:`ChannelStatistics.mean_std_borrowing`). Such a channel
+    is all no-data, which the model masks (``mae_jax.preprocess.normalise`` sets non-finite values
+    to 0 after z-scoring), so its statistics only matter when the model later sees data that has
+    that season: the same product's spread over the year is the best guess there is. Which
+    channels borrowed from which is recorded in the metadata (``statistics_borrowed``) and the
+    report. A product without any valid pixel at all cannot be normalised: the build stops with
+    an error naming the channels and deletes its shards (a rerun would fail the same way);
   * an existing folder is replaced only with ``overwrite`` (``--overwrite``) and only if the
     writer made it; the new dataset is built beside it and swapped in once complete
     (:mod:`data_pipeline.replace`), so a failed build leaves the old one as it was.
@@ -111,11 +121,72 @@ class ChannelStatistics:
       empty = np.flatnonzero(self.count == 0).tolist()
       raise ValueError(f'no valid training pixel in channels {empty} (of the band order in '
                        'data_pipeline.schema.BAND_NAMES): cannot compute the normalisation '
-                       'statistics; a season without any acquisition in the whole training '
-                       'split needs more data (or another composite year)')
+                       'statistics (mean_std_borrowing fills such a channel from its product\'s '
+                       'other seasons)')
     mean = self.total / self.count
     var = np.maximum(self.total_sq / self.count - mean**2, 0.0)
     return mean, np.sqrt(var)
+
+  def mean_std_borrowing(self, band_names: Sequence[str]
+                         ) -> tuple[np.ndarray, np.ndarray, dict[str, list[str]]]:
+    """Per-channel mean and std; a channel without any valid value borrows its product's.
+
+    Channels are grouped by product (``<product>_<season>`` names of ``schema.BAND_NAMES``). An
+    empty channel gets the mean and std of the valid values of every season of its product that
+    has some, pooled (their counts, sums and sums of squares added), so VV winter of a summer-only
+    archive is normalised with the VV summer statistics. See the module docstring for why.
+
+    Args:
+      band_names: The name of each channel, in channel order.
+
+    Returns:
+      ``(mean, std, borrowed)``: float64 arrays, and for each empty channel its name -> the names
+      of the channels its statistics were pooled from (empty when no channel was empty).
+
+    Raises:
+      ValueError: An empty channel whose product has no valid value in any season (naming them).
+    """
+    band_names = list(band_names)
+    if len(band_names) != len(self.count):
+      raise ValueError(f'{len(band_names)} band names for {len(self.count)} channels')
+    empty = self.count == 0
+    if not empty.any():
+      mean, std = self.mean_std()
+      return mean, std, {}
+    filled = ChannelStatistics(len(self.count))
+    filled.merge(self)
+    borrowed, unfilled = {}, []
+    for channels in _product_channels(band_names).values():
+      sources = [c for c in channels if not empty[c]]
+      for channel in channels:
+        if not empty[channel]:
+          continue
+        if not sources:
+          unfilled.append(channel)
+          continue
+        filled.count[channel] = self.count[sources].sum()
+        filled.total[channel] = self.total[sources].sum()
+        filled.total_sq[channel] = self.total_sq[sources].sum()
+        borrowed[band_names[channel]] = [band_names[c] for c in sources]
+    if unfilled:
+      names = [band_names[c] for c in unfilled]
+      raise ValueError(f'no valid training pixel in channels {unfilled} ({", ".join(names)}) '
+                       'nor in any other season of their product, so they cannot be normalised '
+                       '(an empty season borrows the statistics of its product\'s other '
+                       'seasons); the training split needs data of that polarisation')
+    mean, std = filled.mean_std()
+    return mean, std, borrowed
+
+
+def _product_channels(band_names: Sequence[str]) -> dict[str, list[int]]:
+  """Product -> its channel indices, from ``<product>_<season>`` names; a name without a
+  season suffix is a product of its own (it has nothing to borrow from)."""
+  groups: dict[str, list[int]] = {}
+  for index, name in enumerate(band_names):
+    product, _, season = name.rpartition('_')
+    key = product if product and season in schema.SEASONS else name
+    groups.setdefault(key, []).append(index)
+  return groups
 
 
 def quantise_image(image_db: np.ndarray, where: str = 'tile') -> np.ndarray:
@@ -317,6 +388,7 @@ def _build(output_dir: str, *, units_by_split, make_examples, contract, fingerpr
   """Builds (or resumes) the dataset in ``output_dir``; see :func:`build_dataset`."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   build_file = os.path.join(output_dir, BUILD_FILE)
+  created = not os.path.exists(output_dir)
   os.makedirs(output_dir, exist_ok=True)
   atomic.write_bytes(build_file, json.dumps(fingerprint).encode())
 
@@ -366,9 +438,18 @@ def _build(output_dir: str, *, units_by_split, make_examples, contract, fingerpr
     split_infos.append(tfds.core.SplitInfo(
         name=split, shard_lengths=lengths, num_bytes=sum(s['num_bytes'] for s in split_sidecars),
         filename_template=_file_template(output_dir, split)))
-  mean, std = stats.mean_std()
+  try:
+    mean, std, borrowed = stats.mean_std_borrowing(contract.band_names)
+  except ValueError as e:
+    # Every shard is written and the statistics still fail: a resume would read the same
+    # shards and fail the same way, so nothing is kept for one.
+    _remove_build(output_dir, jobs, created)
+    raise ValueError(f'{e}. The shards of this build were deleted: a rerun would fail the '
+                     'same way') from None
   contract = dataclasses.replace(contract, mean=tuple(mean), std=tuple(std))
   metadata = {'input_contract': contract.to_dict(), 'build_report': report}
+  if borrowed:
+    metadata['statistics_borrowed'] = report['statistics_borrowed'] = borrowed
   if statistics_by_region:
     by_region = {}
     for region, values in sorted(region_stats.items()):
@@ -390,6 +471,17 @@ def _build(output_dir: str, *, units_by_split, make_examples, contract, fingerpr
     os.remove(job.sidecar)
   os.remove(build_file)
   return contract, report
+
+
+def _remove_build(output_dir: str, jobs: Sequence[_ShardJob], created: bool) -> None:
+  """Deletes a build's shards, sidecars and build file; the folder too if this build made it
+  and nothing else is in it."""
+  for path in [p for job in jobs for p in (job.path, job.sidecar)] + [
+      os.path.join(output_dir, BUILD_FILE)]:
+    if os.path.exists(path):
+      os.remove(path)
+  if created and not os.listdir(output_dir):
+    os.rmdir(output_dir)
 
 
 def read_contract(data_dir: str) -> schema.InputContract:

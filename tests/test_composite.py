@@ -293,6 +293,22 @@ def test_detect_units_clear_and_ambiguous():
     composite.detect_units(np.array([np.nan, 0.0]))
 
 
+def test_decide_units_checks_stated_units_against_the_values():
+  linear = np.array([0.02, 0.05, 0.1, 0.3])
+  decibels = np.array([-12.0, -15.0, -8.0])
+  assert composite.decide_units(decibels) == ('dB', 'detected')
+  assert composite.decide_units(linear, 'linear') == ('linear', 'stated, detected too')
+  with pytest.raises(ValueError, match=r'a.tif: --units dB contradicts the values: they look like '
+                                       r'linear \(0% negative, median 0.075;.*give --units linear'):
+    composite.decide_units(linear, 'dB', name='a.tif')
+  with pytest.raises(ValueError, match=r'--in linear contradicts .* look like dB'):
+    composite.decide_units(decibels, 'linear', flag='--in')
+  ambiguous = np.array([2.0, 3.0, 4.0])  # all positive, median above 1: neither rule holds
+  assert composite.decide_units(ambiguous, 'dB') == ('dB', 'stated, the values do not tell')
+  with pytest.raises(ValueError, match=r'cannot tell dB from linear.*\(here: --units dB or '):
+    composite.decide_units(ambiguous)
+
+
 def test_dates_from_names_and_tags():
   parse = composite.parse_acquisition_date
   assert parse('/d/S1A_IW_GRDH_1SDV_20170613T165043_20170613T165108_017018_01C579_7EEC_VV.tif') \

@@ -155,6 +155,61 @@ def test_wrong_band_count_is_refused_with_its_tile(tmp_path):
   assert not [n for n in os.listdir(tmp_path / 'ds') if 'tfrecord' in n]
 
 
+def masked_seasons(index, present, products=schema.PRODUCTS):
+  """Synthetic 16 px tiles with only the seasons in ``present`` (of ``products``; the other
+  products keep all four): the rest NaN, as a partial-season archive gives them."""
+  example = build_synthetic.tile_example(synthetic.generate_tile(0, index, 16))
+  image = np.array(example[schema.IMAGE], np.float32)
+  for product in products:
+    for season in schema.SEASONS:
+      if season not in present:
+        image[..., schema.band_index(product, season)] = np.nan
+  example[schema.IMAGE] = image
+  return [example]
+
+
+def test_empty_seasons_borrow_their_products_statistics(tmp_path):
+  """Winter and summer present: spring and fall get the statistics of the winter and summer
+  values of their product pooled (numpy over the stored float16 values)."""
+  present = ('winter', 'summer')
+  contract, report = writer.build_dataset(
+      str(tmp_path / 'ds'), {'train': list(range(6)), 'test': [6, 7]},
+      functools.partial(masked_seasons, present=present), schema.InputContract(tile_size=16),
+      num_shards=2)
+  images = np.stack([np.clip(masked_seasons(i, present)[0][schema.IMAGE], *schema.CLIP_RANGE_DB)
+                     .astype(np.float16) for i in range(6)]).astype(np.float64)
+  for product in schema.PRODUCTS:
+    pooled = images[..., [schema.band_index(product, s) for s in present]]
+    for season in schema.SEASONS:
+      channel = schema.band_index(product, season)
+      own = images[..., channel] if season in present else pooled
+      assert contract.mean[channel] == pytest.approx(np.mean(own), rel=1e-9)
+      assert contract.std[channel] == pytest.approx(np.std(own), rel=1e-6)
+  borrowed = {f'{p}_{s}': [f'{p}_winter', f'{p}_summer'] for p in schema.PRODUCTS
+              for s in ('spring', 'fall')}
+  assert report['statistics_borrowed'] == borrowed
+  info = tfds.builder_from_directory(str(tmp_path / 'ds')).info
+  assert info.metadata['statistics_borrowed'] == borrowed
+  assert writer.read_contract(str(tmp_path / 'ds')) == contract
+
+
+def test_a_product_without_any_data_stops_the_build_and_leaves_no_shard(tmp_path):
+  # VH missing in every season (and so VV-VH): nothing to borrow from.
+  make = functools.partial(masked_seasons, present=(), products=('vh', 'vv_minus_vh'))
+  with pytest.raises(ValueError, match=r'no valid training pixel in channels \[0, 1, 2, 3, 8, '
+                                       r'9, 10, 11\] \(vv_minus_vh_winter.*vh_fall\) nor in any '
+                                       r'other season.*shards of this build were deleted'):
+    writer.build_dataset(str(tmp_path / 'ds'), {'train': list(range(4))}, make,
+                         schema.InputContract(tile_size=16), num_shards=2)
+  assert not os.path.exists(tmp_path / 'ds')  # The build made the folder, so it went too.
+  # In a folder that existed before (empty), only the build's own files go.
+  (tmp_path / 'mine').mkdir()
+  with pytest.raises(ValueError, match='shards of this build were deleted'):
+    writer.build_dataset(str(tmp_path / 'mine'), {'train': list(range(4))}, make,
+                         schema.InputContract(tile_size=16), num_shards=2)
+  assert os.listdir(tmp_path / 'mine') == []
+
+
 def test_an_existing_dataset_is_not_overwritten_by_accident(tiny_dataset):
   with pytest.raises(FileExistsError, match=r'exists; pass --overwrite \(overwrite=True\)'):
     build_synthetic.build(tiny_dataset, tile_size=TILE_SIZE, train=64, validation=16, test=16,

@@ -1,4 +1,5 @@
-"""mae_jax.tools.map_writer: the map from per-pixel sums, its class names, a valid COG.
+"""mae_jax.tools.map_writer: the map from per-pixel sums, its class names, a valid COG; the
+WorldCover probability and confidence rasters.
 
 COG validity is checked from the file's bytes by ``tests/cog_check.py`` (the checks of GDAL's
 ``validate_cloud_optimized_geotiff.py``, which ``rio cogeo validate`` also makes); neither GDAL's
@@ -69,3 +70,62 @@ def test_map_is_a_valid_cog_with_class_names(tmp_path, task, size):
     else:
       assert not any(k.startswith('CLASS_') for k in band_tags)
       np.testing.assert_allclose(values, expected, rtol=1e-6)
+
+
+def test_probability_and_confidence_rasters_hold_the_blend_the_map_is_taken_from(tmp_path):
+  height, width = 150, 140  # 128 px blocks: several blocks and an overview.
+  rng = np.random.default_rng(1)
+  weight = rng.uniform(0.01, 2.0, (height, width, 1)).astype(np.float32)
+  weight[:40, :30] = 0.0  # No-data.
+  blend = rng.dirichlet(np.full(schema.NUM_CLASSES, 0.3), (height, width)).astype(np.float32)
+  sums = np.concatenate([blend * weight, weight], axis=-1)
+  paths = {name: (str(tmp_path / f'{name}.tiled.tif'), str(tmp_path / f'{name}.tif'))
+           for name in ('map', 'probabilities', 'confidence')}
+  accumulator = map_writer.Accumulator(str(tmp_path / 'sums'), height, width, sums.shape[-1])
+  scene = types.SimpleNamespace(height=height, width=width, crs='EPSG:32633',
+                                transform=TRANSFORM)
+  try:
+    accumulator.add(0, 0, sums)
+    map_writer.write_map(accumulator, 'worldcover', *paths['map'], scene,
+                         {'MAE_JAX_TASK': 'worldcover'}, probabilities=paths['probabilities'],
+                         confidence=paths['confidence'])
+    with pytest.raises(ValueError, match='WorldCover outputs; a VCF model'):
+      map_writer.write_map(accumulator, 'vcf', str(tmp_path / 'v.tiled.tif'),
+                           str(tmp_path / 'v.tif'), scene, {}, confidence=paths['confidence'])
+  finally:
+    accumulator.close()
+  assert not (tmp_path / 'v.tiled.tif').exists()
+  # The truth, from the module docstring's formula: uint8 round(p * 254), 255 = no-data, of
+  # p = sums / weight in float32.
+  covered = weight[..., 0] > 0
+  p = np.divide(sums[..., :-1], np.where(covered, weight[..., 0], 1.0)[..., None],
+                dtype=np.float32)
+  expected = np.where(covered[..., None], np.rint(np.clip(p, 0, 1) * 254), 255)
+  with rasterio.open(paths['probabilities'][1]) as src:
+    assert (src.count, src.dtypes[0], src.nodata) == (11, 'uint8', 255)
+    assert src.descriptions == schema.WORLDCOVER_NAMES
+    assert src.tags(1) == {'CLASS_CODE': '10', 'CLASS_NAME': 'tree_cover'}
+    assert src.tags(11) == {'CLASS_CODE': '100', 'CLASS_NAME': 'moss_and_lichen'}
+    np.testing.assert_allclose(src.scales, [1 / 254] * 11)
+    assert src.offsets == (0.0,) * 11 and src.overviews(1)
+    assert src.tags()['MAE_JAX_TASK'] == 'worldcover'
+    stored = src.read().transpose(1, 2, 0)
+  with rasterio.open(paths['confidence'][1]) as src:
+    assert (src.count, src.dtypes[0], src.nodata) == (1, 'uint8', 255)
+    assert src.descriptions == ('confidence',)
+    confidence = src.read(1)
+  with rasterio.open(paths['map'][1]) as src:
+    codes = src.read(1)
+  for name in ('probabilities', 'confidence'):
+    assert cog_check.cog_errors(paths[name][1]) == [], name
+  np.testing.assert_array_equal(stored, expected)
+  np.testing.assert_array_equal(confidence, stored.max(-1))
+  # The stored probabilities sum to 1 within the rounding (11 values, 1/508 each).
+  assert np.abs(stored[covered].sum(-1) / 254 - 1).max() <= 11 / 508 + 1e-6
+  # Their argmax is the map's class wherever it is not tied.
+  unique = (stored == stored.max(-1, keepdims=True)).sum(-1) == 1
+  assert (unique & covered).mean() > 0.5
+  np.testing.assert_array_equal(
+      np.asarray(schema.WORLDCOVER_CODES)[stored.argmax(-1)][unique & covered],
+      codes[unique & covered])
+  assert (codes[~covered] == schema.WORLDCOVER_NODATA_CODE).all()

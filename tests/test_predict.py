@@ -326,6 +326,30 @@ def test_pretraining_checkpoint_is_a_clear_error(scene, tmp_path):
   assert sorted(os.listdir(tmp_path)) == ['pretrain']
 
 
+def test_vcf_refuses_probability_rasters_at_start_up(finetuned, scene, tmp_path,
+                                                    monkeypatch):
+  def fail(*args, **kwargs):
+    raise AssertionError('the checkpoint was loaded before the outputs were checked')
+
+  monkeypatch.setattr(inference, 'load_downstream', fail)
+  out = {name: str(tmp_path / f'{name}.tif') for name in ('map', 'probabilities', 'confidence')}
+  # A missing input too: the outputs are refused before the inputs are opened.
+  missing = [str(tmp_path / 'missing.tif')]
+  for extra, pattern in (({'probabilities': out['probabilities']}, '--probabilities: '),
+                         ({'confidence': out['confidence']}, '--confidence: '),
+                         ({'probabilities': out['probabilities'], 'confidence': out['confidence']},
+                          '--probabilities and --confidence: ')):
+    with pytest.raises(ValueError, match=pattern + 'class probability and confidence rasters '
+                       'are WorldCover outputs, and this is a VCF model'):
+      predict.run(finetuned['vcf'], missing, out['map'], **extra)
+  with pytest.raises(ValueError, match="--output and --probabilities name the same file"):
+    predict.run(finetuned['worldcover'], [scene[0]], out['map'], probabilities=out['map'])
+  with pytest.raises(FileNotFoundError, match='output folder .*nowhere'):
+    predict.run(finetuned['worldcover'], [scene[0]], out['map'],
+                confidence=str(tmp_path / 'nowhere' / 'c.tif'))
+  assert os.listdir(tmp_path) == []
+
+
 def test_bad_settings_and_a_failed_write_leave_the_old_output(loaded, scene, tmp_path,
                                                                monkeypatch):
   output = tmp_path / 'map.tif'
@@ -343,6 +367,30 @@ def test_bad_settings_and_a_failed_write_leave_the_old_output(loaded, scene, tmp
     predict.predict_scene(loaded['worldcover'], [scene[0]], str(output), batch_size=8,
                           progress=False)
   assert os.listdir(tmp_path) == ['map.tif'] and output.read_bytes() == b'old'
+  # With probability and confidence rasters (one in another folder): all or nothing.
+  other = tmp_path / 'other'
+  other.mkdir()
+  probabilities, confidence = tmp_path / 'p.tif', other / 'c.tif'
+  probabilities.write_bytes(b'old p')
+  copies = []
+
+  def fail_third(*args, **kwargs):  # The map and the probabilities are copied, then it fails.
+    copies.append(args[1])
+    if len(copies) == 3:
+      raise RuntimeError('disk full')
+    return copy(*args, **kwargs)
+
+  monkeypatch.undo()
+  copy = rasterio.shutil.copy
+  monkeypatch.setattr(rasterio.shutil, 'copy', fail_third)
+  with pytest.raises(RuntimeError, match='disk full'):
+    predict.predict_scene(loaded['worldcover'], [scene[0]], str(output), batch_size=8,
+                          progress=False, probabilities=str(probabilities),
+                          confidence=str(confidence))
+  assert len(copies) == 3
+  assert sorted(os.listdir(tmp_path)) == ['map.tif', 'other', 'p.tif']
+  assert os.listdir(other) == []
+  assert output.read_bytes() == b'old' and probabilities.read_bytes() == b'old p'
 
 
 # --- Command line and memory ------------------------------------------------------------------
@@ -403,12 +451,22 @@ def test_cli_and_peak_memory_does_not_grow_with_the_scene(tmp_path):
     folder.mkdir()
     parts = write_int8_parts(folder, size)
     output = str(folder / 'map.tif')
-    # The literal form: one --input, then the other files as plain arguments.
+    # The literal form: one --input, then the other files as plain arguments. The probability
+    # and confidence rasters come from the same sums: memory does not grow with them either.
     peaks[size], text = run_cli(['--checkpoint', str(tmp_path / 'model'), '--input', *parts,
-                                 '--output', output, '--noprogress'])
+                                 '--output', output, '--noprogress', '--probabilities',
+                                 str(folder / 'p.tif'), '--confidence', str(folder / 'c.tif')])
     assert 'windows/s' in text
     with rasterio.open(output) as src:
       assert (src.height, src.width) == (size, size)
-      assert set(np.unique(src.read(1, out_shape=(64, 64)))) <= set(schema.WORLDCOVER_CODES)
-    assert sorted(os.listdir(folder)) == ['map.tif'] + sorted(os.path.basename(p) for p in parts)
+      codes = src.read(1, out_shape=(64, 64))
+      assert set(np.unique(codes)) <= set(schema.WORLDCOVER_CODES)
+    corner = rasterio.windows.Window(0, 0, 64, 64)  # Full resolution (overviews average).
+    with rasterio.open(str(folder / 'p.tif')) as src:
+      assert (src.count, src.height, src.width) == (schema.NUM_CLASSES, size, size)
+      stored = src.read(window=corner)
+    with rasterio.open(str(folder / 'c.tif')) as src:
+      np.testing.assert_array_equal(src.read(1, window=corner), stored.max(0))
+    assert sorted(os.listdir(folder)) == sorted(
+        ['c.tif', 'map.tif', 'p.tif'] + [os.path.basename(p) for p in parts])
   assert peaks[2560] <= 1.2 * peaks[1280], peaks

@@ -32,6 +32,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from data_pipeline import schema
+from data_pipeline.ingest import labels
 from data_pipeline.ingest import splits
 from data_pipeline import writer
 
@@ -83,7 +84,10 @@ def main(argv):
   try:
     _, report = build(flags.FLAGS.config, flags.FLAGS.output, flags.FLAGS.overwrite,
                       progress=True)
-  except (FileExistsError, PermissionError) as e:  # The output folder: the message says it.
+  except (FileExistsError, PermissionError, FileNotFoundError, ValueError,
+          labels.RasterReadError) as e:
+    # The output folder, a missing input, a bad config or data without a usable pixel: the
+    # message names what and where, so no traceback.
     print(f'data_pipeline.ingest.build: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
   tiles = sum(v['examples'] for k, v in report.items() if k in schema.SPLITS)

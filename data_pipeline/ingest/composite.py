@@ -165,6 +165,52 @@ def detect_units(values, name: str | None = None) -> str:
       "state units='dB' or units='linear'")
 
 
+def decide_units(values, stated: str = 'auto', name: str | None = None,
+                 flag: str = '--units') -> tuple[str, str]:
+  """The units of backscatter values, detected or stated, and checked against each other.
+
+  'auto' takes :func:`detect_units`. Stated units ('dB', 'linear') are checked against the same
+  evidence: when the values clearly say the other units (linear power stated as dB: all
+  positive, mostly below 1; dB stated as linear: mostly negative), they are refused, since
+  reading them so would put every pixel tens of dB off; when the values cannot tell, the stated
+  units are kept. One rule for every tool that reads backscatter (the scene preparation here, and
+  one a predict tool can share).
+
+  Args:
+    values: Backscatter values of one image, fill values already NaN (see :func:`detect_units`).
+    stated: 'auto', 'dB' or 'linear'.
+    name: What the values are (a file), for messages.
+    flag: How the caller's users state units, for messages (e.g. '--units').
+
+  Returns:
+    ``(units, how)``: 'dB' or 'linear', and 'detected', 'stated, detected too' or 'stated, the
+    values do not tell'.
+
+  Raises:
+    ValueError: 'auto' and the values cannot tell, or stated units the values contradict; the
+      message names ``name`` and ``flag``.
+  """
+  if stated not in UNITS:
+    raise ValueError(f'units {stated!r} is not one of {UNITS}')
+  try:
+    detected = detect_units(values, name=name)
+  except ValueError as e:
+    if stated == 'auto':
+      raise ValueError(f'{e} (here: {flag} dB or {flag} linear)') from None
+    return stated, 'stated, the values do not tell'
+  if stated == 'auto':
+    return detected, 'detected'
+  if stated != detected:
+    where = f'{name}: ' if name else ''
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite) & (finite != 0)]
+    raise ValueError(
+        f'{where}{flag} {stated} contradicts the values: they look like {detected} '
+        f'({np.mean(finite < 0):.0%} negative, median {np.median(finite):.4g}; '
+        f'composite.detect_units); give {flag} {detected} or {flag} auto, or check the input')
+  return stated, 'stated, detected too'
+
+
 # --- Names and tags --------------------------------------------------------------------------
 
 # GeoTIFF tags that may hold the acquisition date, in order of preference (matched ignoring

@@ -1,6 +1,7 @@
-r"""Export of a mae_jax checkpoint to transformers' ViT-MAE layout (safetensors + config.json).
+r"""Export of a mae_jax checkpoint: transformers' ViT-MAE layout, or a fine-tuned model as ONNX.
 
   python -m mae_jax.tools.export --checkpoint WORKDIR --output DIR [--part mae|encoder]
+  python -m mae_jax.tools.export --checkpoint FINETUNE_WORKDIR --output DIR --format onnx
 
 ``--part mae`` (pretraining checkpoints) writes the whole MAE for
 ``transformers.ViTMAEForPreTraining.from_pretrained(DIR)``; ``--part encoder`` (pretraining or
@@ -18,6 +19,15 @@ returns ``ids_restore`` to undo a random order. The folder is written beside ``D
 ``config.json`` with the ``mae_jax`` entry and ``model.safetensors``, or nothing); a workdir,
 a checkpoint or any other file there is refused, untouched. ``--config.init_from=DIR`` imports
 an export back (bitwise the same params).
+
+``--format onnx`` (fine-tuning or linear-probing checkpoints; the selected-best weights unless
+``--nouse_best``) writes the whole model, encoder and head, as ``DIR/model.onnx``
+(``mae_jax.tools.onnx_export``: raw dB tiles in, normalised inside the graph, named outputs) with
+``DIR/item.json``, a STAC item of the Machine Learning Model extension describing its bands,
+normalisation, input, outputs, checksum and provenance (``mae_jax.tools.stac_mlm``, validated
+offline before anything is written). The same atomic write and ``--overwrite`` rules apply (a
+previous ONNX export is ``model.onnx``, optionally ``model.onnx.data``, and an ``item.json``
+with mae_jax's provenance).
 """
 
 from __future__ import annotations
@@ -43,6 +53,14 @@ from mae_jax.models import mae
 
 WEIGHTS_FILE = 'model.safetensors'
 CONFIG_FILE = 'config.json'
+FORMATS = ('safetensors', 'onnx')
+# The ONNX export's files (onnx_export.MODEL_FILE and its external data, and the STAC item),
+# named here so that checking an output folder needs no onnx import.
+ONNX_FILE = 'model.onnx'
+ONNX_DATA_FILE = 'model.onnx.data'
+ITEM_FILE = 'item.json'
+# The item property that marks an item.json as an export's (stac_mlm.build_item writes it).
+ITEM_MARKER = 'mae_jax:checkpoint'
 ARCHITECTURES = {'mae': 'ViTMAEForPreTraining', 'encoder': 'ViTMAEModel'}
 WHAT = 'a mae_jax export'  # For messages: what --overwrite replaces.
 
@@ -85,9 +103,10 @@ def hf_config(model: mae.MaskedAutoencoder, part: str, provenance: dict[str, Any
   return config
 
 
-def unrecognised(path: str) -> list[str]:
-  """What folder ``path`` holds that an export does not write: anything but the two files, and
-  a config.json without the export's ``mae_jax`` entry (e.g. another transformers model's)."""
+def _unrecognised_hf(path: str) -> list[str]:
+  """What folder ``path`` holds that a safetensors export does not write: anything but the two
+  files, and a config.json without the export's ``mae_jax`` entry (e.g. another transformers
+  model's)."""
   other = replace.unrecognised_entries(
       path, lambda folder, name: name in (CONFIG_FILE, WEIGHTS_FILE)
       and os.path.isfile(os.path.join(folder, name)))
@@ -103,16 +122,40 @@ def unrecognised(path: str) -> list[str]:
   return [] if ours else [f'{CONFIG_FILE} without the "mae_jax" entry']
 
 
+def _unrecognised_onnx(path: str) -> list[str]:
+  """The same for an ONNX export: model.onnx (+ model.onnx.data) and an item.json that carries
+  the export's provenance (not some other STAC item)."""
+  other = replace.unrecognised_entries(
+      path, lambda folder, name: name in (ONNX_FILE, ONNX_DATA_FILE, ITEM_FILE)
+      and os.path.isfile(os.path.join(folder, name)))
+  if other:
+    return other
+  if not os.path.exists(os.path.join(path, ITEM_FILE)):
+    return [f'{ONNX_FILE} without {ITEM_FILE}']
+  try:
+    with open(os.path.join(path, ITEM_FILE)) as f:
+      ours = ITEM_MARKER in json.load(f)['properties']
+  except (OSError, ValueError, TypeError, KeyError):
+    ours = False
+  return [] if ours else [f'{ITEM_FILE} without the "{ITEM_MARKER}" property']
+
+
+def unrecognised(path: str) -> list[str]:
+  """What folder ``path`` holds that an export (of either format) does not write. A folder is
+  judged as the format whose own files it holds, so either format may replace the other."""
+  names = set(os.listdir(path))
+  if names & {ONNX_FILE, ONNX_DATA_FILE, ITEM_FILE}:
+    return _unrecognised_onnx(path)
+  return _unrecognised_hf(path)
+
+
 def export(checkpoint: str, output: str, part: str = 'mae', use_best: bool = True,
            overwrite: bool = False) -> str:
   """Writes ``output``/{model.safetensors,config.json}; returns the output folder."""
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   if part not in hf_convert.PARTS:
     raise ValueError(f'--part must be one of {hf_convert.PARTS}, got {part!r}')
-  output = os.path.abspath(output)
-  parent = os.path.dirname(output)
-  if not os.path.isdir(parent):
-    raise FileNotFoundError(f'the folder {parent!r} for --output does not exist')
+  output = _check_output_parent(output)
   check = lambda: replace.check_output(output, overwrite, WHAT, unrecognised)
   check()
   model, params, metadata, where = load_params(checkpoint, part, use_best)
@@ -137,14 +180,81 @@ def export(checkpoint: str, output: str, part: str = 'mae', use_best: bool = Tru
   return output
 
 
+def _check_output_parent(output: str) -> str:
+  output = os.path.abspath(output)
+  parent = os.path.dirname(output)
+  if not os.path.isdir(parent):
+    raise FileNotFoundError(f'the folder {parent!r} for --output does not exist')
+  return output
+
+
+def export_onnx(checkpoint: str, output: str, use_best: bool = True,
+                overwrite: bool = False) -> str:
+  """Writes ``output``/{model.onnx,item.json} of a fine-tuned model; returns the output folder.
+
+  Raises:
+    ValueError: A checkpoint without a head (pretraining), or no mean/std in its contract.
+    FileNotFoundError, FileExistsError, PermissionError: Paths, as for :func:`export`.
+    ImportError: onnx or pystac missing (the ``[onnx]`` extra).
+  """
+  try:
+    # pylint: disable=g-import-not-at-top
+    import onnx
+    import pystac.errors
+    from mae_jax.tools import inference
+    from mae_jax.tools import onnx_export
+    from mae_jax.tools import stac_mlm
+    # pylint: enable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f'--format=onnx needs onnx and pystac ({e}): pip install '
+                      "'mae_jax[onnx]'") from e
+  output = _check_output_parent(output)
+  check = lambda: replace.check_output(output, overwrite, WHAT, unrecognised)
+  check()
+  directory, step = ckpt_lib.locate(checkpoint)
+  task = ckpt_lib.read_metadata(directory, step).get('task')
+  if task != 'finetune':
+    raise ValueError(f'{directory}/{step} is a {task!r} checkpoint, which has no head: '
+                     '--format=onnx exports a fine-tuned model (encoder + head); fine-tune it '
+                     'first, or export its encoder with --format=safetensors --part=encoder')
+  # One device: the weights are only read into host memory.
+  loaded = inference.load_downstream(f'{directory}/{step}', mesh_config={'num_devices': 1},
+                                     use_best=use_best)
+  exported = onnx_export.build(loaded)
+  config = loaded.config
+  provenance = {'checkpoint': loaded.checkpoint, 'step': loaded.step, 'weights': loaded.weights,
+                'init_checkpoint': config.get('init_checkpoint') or config.get('init_from'),
+                'label_fraction': loaded.metadata.get('label_fraction')}
+  with replace.written_aside(output, check=check) as tmp:
+    files = onnx_export.save(exported, tmp)
+    item = stac_mlm.build_item(
+        folder=tmp, model_file=files[0], weights_file=files[1] if len(files) > 1 else None,
+        input_spec=exported.input, output_specs=exported.outputs, task=exported.task,
+        head_kind=exported.head_kind, contract=loaded.contract,
+        hyperparameters=exported.hyperparameters, total_parameters=exported.total_parameters,
+        framework_version=onnx.__version__, provenance=provenance)
+    try:  # Offline (vendored schemas); a bad item leaves nothing behind.
+      stac_mlm.validate(item)
+    except pystac.errors.STACValidationError as e:
+      # pystac's message: the schema on its first line, the failed rule on the second.
+      what = ': '.join(str(e).splitlines()[:2])[:500]
+      raise ValueError(f'the STAC MLM item of the export does not validate (a mae_jax bug): '
+                       f'{what}') from e
+    stac_mlm.write_item(item, os.path.join(tmp, ITEM_FILE))
+  return output
+
+
 def define_flags() -> None:
   """The command-line flags; defined only when run as a program, so importing this module
   next to other entrypoints (tests, notebooks) defines no flags."""
   flags.DEFINE_string('checkpoint', None, 'A mae_jax workdir, its checkpoints/ folder or one '
                       'checkpoints/<step> folder.', required=True)
-  flags.DEFINE_string('output', None, 'Folder to write (model.safetensors, config.json).',
-                      required=True)
-  flags.DEFINE_enum('part', 'mae', hf_convert.PARTS, "'mae': the whole MAE "
+  flags.DEFINE_string('output', None, 'Folder to write (model.safetensors and config.json, or '
+                      'model.onnx and item.json).', required=True)
+  flags.DEFINE_enum('format', 'safetensors', FORMATS, "'safetensors': transformers' ViT-MAE "
+                    "layout (--part); 'onnx': a fine-tuned model, encoder + head, as model.onnx "
+                    'with a STAC MLM item.json.')
+  flags.DEFINE_enum('part', 'mae', hf_convert.PARTS, "--format=safetensors: 'mae': the whole MAE "
                     "(ViTMAEForPreTraining); 'encoder': the encoder (ViTMAEModel).")
   flags.DEFINE_bool('use_best', True, 'Fine-tuning checkpoints: the weights selected on '
                     'validation loss, not the last step.')
@@ -158,13 +268,24 @@ def main(argv):
   f = flags.FLAGS
   if not f['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO (~80 lines).
+  # Bad flags, paths, checkpoints or outputs, or a missing extra: the message says it.
   try:
-    out = export(f.checkpoint, f.output, f.part, f.use_best, f.overwrite)
-  except (ValueError, OSError) as e:  # Bad paths, checkpoints or outputs: the message says it.
+    if f.format == 'onnx':
+      if f['part'].present:
+        raise ValueError('--part applies to --format=safetensors; --format=onnx exports the '
+                         'whole fine-tuned model (encoder + head)')
+      out = export_onnx(f.checkpoint, f.output, f.use_best, f.overwrite)
+    else:
+      out = export(f.checkpoint, f.output, f.part, f.use_best, f.overwrite)
+  except (ValueError, OSError, ImportError) as e:
     print(f'mae_jax.tools.export: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
-  print(f'Wrote {out}/{WEIGHTS_FILE} and {CONFIG_FILE} '
-        f'(transformers.{ARCHITECTURES[f.part]}.from_pretrained)', flush=True)
+  if f.format == 'onnx':
+    print(f'Wrote {out}/{ONNX_FILE} and {ITEM_FILE} (onnxruntime.InferenceSession; STAC MLM '
+          'item)', flush=True)
+  else:
+    print(f'Wrote {out}/{WEIGHTS_FILE} and {CONFIG_FILE} '
+          f'(transformers.{ARCHITECTURES[f.part]}.from_pretrained)', flush=True)
 
 
 def console_main() -> None:

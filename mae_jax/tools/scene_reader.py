@@ -34,7 +34,7 @@ import math
 import os
 import re
 import threading
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import rasterio
@@ -153,8 +153,9 @@ def _channel_sources(paths: Sequence[str], descriptions: Sequence[Sequence[str |
                    'take the bands in the order given')
 
 
-def _is_backscatter(band_name: str) -> bool:
-  """VV or VH (not the VV-VH ratio, which may be 0 or very negative)."""
+def is_backscatter(band_name: str) -> bool:
+  """VV or VH (not the VV-VH ratio, which may be 0 or very negative): the bands that decide the
+  units and have a noise floor."""
   return not band_name.startswith('vv_minus_vh')
 
 
@@ -170,16 +171,25 @@ def _read_masked(dataset, indexes: Sequence[int], nodata: Sequence[float | None]
   data = dataset.read(list(indexes), masked=True, **read_kwargs)
   values = np.ma.filled(data.astype(np.float32), np.nan)
   for i, band in enumerate(indexes):
-    declared = nodata[band - 1]
-    fills = (() if declared is None else (declared,)) + (
-        composite.DEFAULT_NODATA_VALUES if backscatter[i] else ())
-    # Fill values are stored values: compare before any conversion.
-    values[i] = composite.mask_nodata(values[i], nodata_values=fills, noise_floor_db=None)
-    if units == 'linear':
-      values[i] = composite.linear_to_db(values[i])
-    if backscatter[i]:
-      values[i] = composite.mask_nodata(values[i], nodata_values=(),
-                                        noise_floor_db=composite.DEFAULT_NOISE_FLOOR_DB)
+    values[i] = band_to_db(values[i], backscatter[i], units, nodata[band - 1])
+  return values
+
+
+def band_to_db(values: np.ndarray, backscatter: bool, units: str,
+               declared: float | None = None) -> np.ndarray:
+  """One band's values as stored -> float32 dB with no-data NaN, by the rules of
+  :func:`_read_masked`: NaN and infinities, the ``declared`` nodata value, and in a VV or VH band
+  (``backscatter``) exact 0 and, after conversion to dB, values below the noise floor. Also for
+  arrays handed to the Python API (``mae_jax.tools.api``), whose no-data is NaN alone."""
+  fills = (() if declared is None else (declared,)) + (
+      composite.DEFAULT_NODATA_VALUES if backscatter else ())
+  # Fill values are stored values: compare before any conversion.
+  values = composite.mask_nodata(values, nodata_values=fills, noise_floor_db=None)
+  if units == 'linear':
+    values = composite.linear_to_db(values)
+  if backscatter:
+    values = composite.mask_nodata(values, nodata_values=(),
+                                   noise_floor_db=composite.DEFAULT_NOISE_FLOOR_DB)
   return values
 
 
@@ -200,26 +210,46 @@ def _read_resampled(dataset, indexes: Sequence[int], nodata: Sequence[float | No
 
 
 def _decide_units(scene: Scene, datasets, units: str) -> tuple[str, str]:
-  """(units, the line saying how they were decided). 'auto': detected
-  (composite.detect_units); stated units are checked against the same evidence and refused
-  when it clearly says otherwise (kept when it cannot tell)."""
-  values = _units_sample(scene, datasets)
-  name = ' + '.join(scene.paths)
+  """(units, the line saying how they were decided) of a scene's files (:func:`decide_units`
+  on :func:`_units_sample`)."""
+  return decide_units(_units_sample(scene, datasets), units, ' + '.join(scene.paths))
+
+
+def decide_units(values: np.ndarray, units: str, name: str, option: str = '--units',
+                 state: Callable[[str], str] | None = None,
+                 default: str = 'auto') -> tuple[str, str]:
+  """(units, the line saying how they were decided) from VV and VH values as stored (NaN =
+  no-data). 'auto': detected (composite.detect_units); stated units are checked against the same
+  evidence and refused when it clearly says otherwise (kept when it cannot tell).
+
+  Args:
+    values: VV and VH values (VV-VH is positive in dB and would confuse the rule).
+    units: 'auto', 'dB' or 'linear'.
+    name: What the values are, for messages (the file names).
+    option: How units are given, for messages: '--units' on the command line.
+    state: Units -> how to give them, for messages; default ``f'{option} {units}'``.
+    default: The units when none are given (the advice for contradicted units differs).
+
+  Raises:
+    ValueError: 'auto' and the values do not tell, or stated units that they contradict.
+  """
+  state = state or (lambda value: f'{option} {value}')
   try:
     detected = composite.detect_units(values, name=name)
   except ValueError as e:
     if units == 'auto':
-      raise ValueError(f'{e} (here: --units dB or --units linear)') from e
-    return units, f'units: {_UNIT_WORDS[units]} (stated with --units; the values do not tell)'
+      raise ValueError(f'{e} (here: {state("dB")} or {state("linear")})') from e
+    return units, f'units: {_UNIT_WORDS[units]} (stated with {option}; the values do not tell)'
   if units == 'auto':
     converted = ' -> converted to dB' if detected == 'linear' else ''
     return detected, f'units: {_UNIT_WORDS[detected]} detected{converted}'
   if units != detected:
+    auto = f'drop {option} (auto)' if default == 'auto' else f'give {state("auto")}'
     raise ValueError(
-        f'{name}: --units {units} contradicts the values: {detected} detected from the VV and '
-        f'VH bands (median {np.nanmedian(values):.4g}; composite.detect_units); drop --units '
-        f'(auto) or give --units {detected}, or check the inputs')
-  return units, f'units: {_UNIT_WORDS[units]} (stated with --units; detected too)'
+        f'{name}: {state(units)} contradicts the values: {detected} detected from the VV and '
+        f'VH bands (median {np.nanmedian(values):.4g}; composite.detect_units); {auto} or give '
+        f'{state(detected)}, or check the inputs')
+  return units, f'units: {_UNIT_WORDS[units]} (stated with {option}; detected too)'
 
 
 def _units_sample(scene: Scene, datasets) -> np.ndarray:
@@ -233,7 +263,7 @@ def _units_sample(scene: Scene, datasets) -> np.ndarray:
   samples = []
   for f, dataset in enumerate(datasets):
     bands = [b for (g, b), name in zip(scene.sources, scene.band_names)
-             if g == f and _is_backscatter(name)]
+             if g == f and is_backscatter(name)]
     if not bands:
       continue
     for row in sorted(set(rows)):
@@ -341,7 +371,7 @@ class SceneReader:
     for f in range(len(scene.paths)):
       channels = [c for c, (g, _) in enumerate(scene.sources) if g == f]
       self._plan.append(([scene.sources[c][1] for c in channels], channels,
-                         [_is_backscatter(scene.band_names[c]) for c in channels]))
+                         [is_backscatter(scene.band_names[c]) for c in channels]))
 
   def read(self, row: int, col: int, size: int) -> np.ndarray:
     """The (size, size, channels) window at (row, col), quantised like the dataset tiles
