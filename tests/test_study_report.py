@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 
 import numpy as np
 from PIL import Image
@@ -192,3 +193,35 @@ def test_plot_and_write_report(tmp_path):
   assert '| europe | 0.1 |' in open(paths['markdown']).read()
   with Image.open(paths['plot']) as image:
     image.verify()
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMITTED_STUDIES = ('docs/study_quick/results.md', 'docs/study_probe/results.md')
+
+
+@pytest.mark.parametrize('results', COMMITTED_STUDIES)
+def test_readme_tables_are_the_committed_results(results):
+  # The README's study tables are copies of committed results.md files (which name the commit,
+  # command and seeds that produced them); regenerate both when a change moves the figures.
+  path = os.path.join(REPO, results)
+  text = open(path).read()
+  assert re.search(r'^- Commit: `[0-9a-f]{12}`;', text, re.MULTILINE), 'results.md names no commit'
+  readme = open(os.path.join(REPO, 'README.md')).read()
+  command = study_report.SYNC_COMMAND.format(results=results, readme='README.md')
+  assert study_report.readme_section(readme, results, 'README.md') == \
+      study_report.readme_block(text), f'README.md differs from {results}: run `{command}`'
+
+
+def test_sync_readme_rewrites_only_the_copy(tmp_path):
+  results = tmp_path / 'results.md'
+  results.write_text('# Label-efficiency study\n\n- Commit: `abc`\n\n### VCF: RMSE (pp)\n\n| a |\n')
+  begin, end = study_report._markers(str(results), str(tmp_path / 'README.md'))
+  readme = tmp_path / 'README.md'
+  readme.write_text(f'intro\n{begin}\nold table\n{end}\noutro\n')
+  assert study_report.sync_readme(str(results), str(readme))
+  assert readme.read_text() == (f'intro\n{begin}\n- Commit: `abc`\n\n#### VCF: RMSE (pp)\n\n'
+                                f'| a |\n{end}\noutro\n')
+  assert not study_report.sync_readme(str(results), str(readme))  # Nothing left to change.
+  readme.write_text('no markers\n')
+  with pytest.raises(ValueError, match='markers'):
+    study_report.sync_readme(str(results), str(readme))

@@ -451,8 +451,8 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
 
 # --- The README's copy of a committed results.md ---------------------------------------------
 
-README_BEGIN = '<!-- BEGIN {name}: generated from {results} by `{command}` -->'
-README_END = '<!-- END {name} -->'
+README_BEGIN = '<!-- BEGIN copy of {results}: regenerate with `{command}` -->'
+README_END = '<!-- END copy of {results} -->'
 SYNC_COMMAND = 'python -m mae_jax.trainers.study_report --results {results} --readme {readme}'
 
 
@@ -467,10 +467,8 @@ def readme_block(results_text: str) -> str:
 
 
 def _markers(results: str, readme: str) -> tuple[str, str]:
-  name = f'study table {results}'
   command = SYNC_COMMAND.format(results=results, readme=readme)
-  return (README_BEGIN.format(name=name, results=results, command=command),
-          README_END.format(name=name))
+  return (README_BEGIN.format(results=results, command=command), README_END.format(results=results))
 
 
 def readme_section(readme_text: str, results: str, readme: str) -> str:
