@@ -2,13 +2,19 @@ r"""Training read path throughput: TFRecord shards -> host batches, against read
 
   python bench/bench_input.py                      # builds 256 synthetic 448 px tiles in a temp dir
   python bench/bench_input.py --data_dir DIR       # an existing dataset (e.g. real tiles)
-  python bench/bench_input.py --readers local --no_cold
+  python bench/bench_input.py --readers local,url --no_cold
   python bench/bench_input.py --readers local --no_cold --verify_checksums
 
 Times ``data_pipeline.input.HostDataset.batches`` (the call ``mae_jax.trainers.pretrain`` makes: shuffled
 float16 ``image`` batches) over the ``train`` split, per reader, and compares it with simply
 reading the same shard files (``readinto`` a reused 8 MiB buffer, from 1 thread and
-from one thread per core; the faster is the baseline, so the ratio is the strictest one):
+from one thread per core; the faster is the baseline, so the ratio is the strictest one).
+Readers (``--readers``, default ``local,url,tf,local+cache,url+cache``): ``local`` (os reads),
+``url`` (the same algorithm through ``tf.io.gfile``, the path ``gs://`` data takes, here on the
+same local files), ``tf`` (tf.data, the old URL reader) and ``+cache`` (``host_cache='on'``:
+the records kept in memory by the warm-up pass, so timed epochs are those after a first one; a
+"cold" pass of it reads no storage at all). The URL/local ratio of the medians, printed last,
+holds up under background load, which hits both alike. Cache states:
 
 * warm: files in the page cache (after a warm-up pass); a pass reads ``--warm_epochs`` epochs
   from one ``batches`` call, as training does, so starting the iterator weighs little;
@@ -19,8 +25,9 @@ from one thread per core; the faster is the baseline, so the ratio is the strict
 Raw and read-path passes alternate and medians are reported, so background load on a shared
 machine hits both sides of a ratio alike. Per-core figures divide by the cores this process may
 run on (``os.sched_getaffinity``); tiles per CPU-second (user + system time of all threads,
-``time.process_time``) say how much CPU the path burns. The local reader's one-off scan of
-record headers (kept for the run) is timed separately and not included in the passes.
+``time.process_time``) say how much CPU the path burns. The local and URL readers' one-off scan
+of record headers (kept for the run) is timed separately, per byte source (local: a 12-byte read
+per header; URL: 16 MiB sequential chunks), and not included in the passes.
 ``--verify_checksums`` adds the local reader with ``verify_checksums=True`` as reader
 ``local+crc``, timed in the same alternation as the others. It checks each record's payload CRC
 the first time a dataset reads it, so each of its passes opens a fresh dataset (outside the
@@ -45,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipeline import build_synthetic  # pylint: disable=g-import-not-at-top
 from data_pipeline import input as data_input
+from data_pipeline import record_files
 from data_pipeline import schema
 
 _CHUNK = 8 << 20
@@ -104,7 +112,8 @@ def main():
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--repeats', type=int, default=5, help='timed passes per measurement')
   parser.add_argument('--warm_epochs', type=int, default=2, help='epochs per warm read-path pass')
-  parser.add_argument('--readers', default='local,tf', help='comma-separated HostDataset readers')
+  parser.add_argument('--readers', default='local,url,tf,local+cache,url+cache',
+                      help="comma-separated HostDataset readers; '+cache': host_cache='on'")
   parser.add_argument('--no_cold', action='store_true', help='skip the cold-cache measurements')
   parser.add_argument('--verify_checksums', action='store_true',
                       help='also time the local reader with verify_checksums=True (local+crc)')
@@ -123,9 +132,14 @@ def main():
                             test=0, num_shards=8, workers=cores)
       print(f'built {args.tiles} synthetic {args.tile_size} px tiles in '
             f'{time.perf_counter() - t0:.1f} s ({data_dir})')
-    datasets = {reader: data_input.HostDataset(data_dir, 'train', process_index=0,
-                                               process_count=1, reader=reader)
-                for reader in args.readers.split(',')}
+    def open_reader(name):
+      reader, _, option = name.partition('+')
+      if option not in ('', 'cache'):
+        raise ValueError(f'--readers: unknown option {option!r} in {name!r} (only +cache)')
+      return data_input.HostDataset(data_dir, 'train', process_index=0, process_count=1,
+                                    reader=reader, host_cache='on' if option else 'off')
+
+    datasets = {name: open_reader(name) for name in args.readers.split(',')}
     fresh = {}  # Readers that get a new dataset for every pass.
     if args.verify_checksums:
       def verifying():
@@ -144,14 +158,18 @@ def main():
     shape = (args.batch, some.tile_size, some.tile_size, some.num_channels)
     print(f'{tiles} tiles in {len(paths)} files, {file_bytes / 2**20:.0f} MiB '
           f'({file_bytes / tiles / 2**20:.2f} MiB per record); batches {shape} float16 '
-          f'(features={schema.IMAGE!r}); {cores} cores; local reader threads '
-          f'{data_input._READ_THREADS}')  # pylint: disable=protected-access
-    if 'local' in datasets:
+          f'(features={schema.IMAGE!r}); {cores} cores; reader threads: local (and url on local '
+          f'paths) {data_input._READ_THREADS}, url on URLs '  # pylint: disable=protected-access
+          f'{record_files.URL_READ_THREADS}')
+    for name, dataset in datasets.items():
+      if dataset.reader == 'tf':
+        continue
+      record_files.forget_scans()  # Scans are kept per process: time each source's own.
       print(f'cold: {evict(paths)}')
       t0 = time.perf_counter()
-      datasets['local']._record_locations()  # pylint: disable=protected-access
-      print(f'local reader header scan (once per run): {time.perf_counter() - t0:.3f} s cold '
-            f'for {tiles} records')
+      dataset._record_locations()  # pylint: disable=protected-access
+      print(f'{name} reader header scan (once per run): {time.perf_counter() - t0:.3f} s cold '
+            f'for {tiles} records; {dataset.host_cache_message}')
 
     def summary(label, rate, cpu_rate, raw):
       cpu_text = f' | {cpu_rate:7.1f} tiles/CPU-s' if cpu_rate else ''
@@ -159,7 +177,7 @@ def main():
             f'{cpu_text} | {rate * file_bytes / tiles / 2**20:6.0f} MiB/s | '
             f'raw {raw:7.1f} tiles/s | ratio {rate / raw:.2f}')
 
-    # Warm-up: page cache, thread pools, tf.data graphs.
+    # Warm-up: page cache, thread pools, tf.data graphs, host caches.
     raw_pass(paths, 1)
     for dataset in datasets.values():
       read_path_pass(dataset, args.batch, steps, seed=0)
@@ -186,9 +204,14 @@ def main():
       best = max(raw_rates.values())
       for threads, rate in raw_rates.items():
         summary(f'{mode} raw bytes, {threads} thr', rate, 0, best)
+      rates = {}
       for reader, (seconds, cpu) in timed.items():
-        summary(f'{mode} read path ({reader})', read_tiles * epochs / statistics.median(seconds),
+        rates[reader] = read_tiles * epochs / statistics.median(seconds)
+        summary(f'{mode} read path ({reader})', rates[reader],
                 read_tiles * epochs / statistics.median(cpu), best)
+      for a, b in (('url', 'local'), ('tf', 'local'), ('url+cache', 'url')):
+        if a in rates and b in rates:
+          print(f'{mode} ratio {a} / {b}: {rates[a] / rates[b]:.2f}')
     print(f'(medians of {args.repeats} passes; a read-path pass is {args.warm_epochs} epochs warm, '
           f'1 cold, of {read_tiles} tiles; ratio = read path tiles/s over the faster raw read of '
           'the same files in the same cache state)')

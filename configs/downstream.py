@@ -114,10 +114,13 @@ def build(task: str, head_kind: str, preset: str,
   # As in pretraining (configs/pretrain.py): parts the training subset is cut into (0 = one per
   # process; a fixed number keeps the data order on any host count, but small label fractions
   # need at least one selected tile in every part), payload CRC checks, bad records to skip,
-  # and whether a resume may change the data order.
+  # the reader, the host cache (training subset and validation split) and whether a resume may
+  # change the data order.
   c.dataset.data_shards = 0
   c.dataset.verify_checksums = base.dataset.verify_checksums
   c.dataset.max_bad_records = 0
+  c.dataset.reader = base.dataset.reader
+  c.dataset.host_cache = base.dataset.host_cache
   c.dataset.allow_new_data_order = False
 
   c.model = base.model

@@ -5,8 +5,8 @@ Run (the embedded dataset is built by ``make demo`` or ``python -m data_pipeline
   python -m mae_jax.main --config configs/pretrain.py:tiny --workdir /tmp/mae_tiny \
       [--config.total_steps=300 --config.batch_size=32 --config.seed=0 --config.mesh.fsdp=2]
 
-Presets (448 px, patch 16, 28 x 28 patches unless said; model FLOPs per preset, measured
-throughput and what a pod run costs are in bench/README.md):
+Presets (448 px, patch 16, 28 x 28 patches unless said; model FLOPs per preset and measured
+throughput are in bench/README.md, what a pod must read and what a run costs in docs/scaling.md):
   * ``tiny``: 128 px tiles (8 x 8 patches), ViT width 128 x 4 blocks, 2 x 64 decoder, raw
     targets: the CPU demo and tests (300 steps of batch 32 on 2 CPU cores: ``make demo``).
   * ``poster``: the poster authors' released setup. ViT-B/16, one 512-wide decoder block
@@ -75,8 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Regions (data_pipeline.schema.REGIONS) to pretrain on; () = every tile of the split. The
   # label-efficiency study pretrains on schema.PRETRAIN_REGIONS and tests outside them too.
   c.dataset.regions = ()
-  # > 1: shuffle. The local reader shuffles whole epochs; the tf.data one (gs://) shuffles in a
-  # window of this many raw records per host (~4.8 MB each at 448 px).
+  # > 1: shuffle. The local and URL readers shuffle whole epochs; the tf.data one
+  # (dataset.reader='tf') shuffles in a window of this many raw records per host (~4.8 MB each
+  # at 448 px).
   # Batches read and copied to the devices ahead of the step, on a thread, so the copy (308 MB
   # for 64 tiles at 448 px) overlaps the step; 0 = read each batch when its step starts.
   c.dataset.device_prefetch = 2
@@ -92,6 +93,15 @@ def base_config() -> ml_collections.ConfigDict:
   # 0: a bad record (corrupt, wrong shape, in a truncated or missing file) stops training with
   # the file and record. N > 0: up to N are skipped (read as no-data), counted and logged.
   c.dataset.max_bad_records = 0
+  # 'auto': local files with os reads, URLs (gs://) through tf.io.gfile, both in one data order
+  # (a run moves between a local disk and cloud storage and resumes exactly). 'tf': the tf.data
+  # reader, only to resume a run started on a URL before that, in its order.
+  c.dataset.reader = 'auto'
+  # Keep this host's training records in memory after their first read, so later epochs read
+  # no storage (same batches): 'off', 'auto' (URLs only, within half the memory available),
+  # 'on' (any files, within 0.8 of it) or a byte budget per process such as '200G'. The
+  # size is printed at start-up (data_pipeline.host_cache).
+  c.dataset.host_cache = 'auto'
   # A resume refuses to change the data order (other data_shards, reader, seed or batch) unless
   # this is set.
   c.dataset.allow_new_data_order = False

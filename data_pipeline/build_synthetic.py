@@ -1,13 +1,14 @@
 r"""Builds the embedded synthetic Sentinel-1-like dataset as pre-sharded TFRecords + TFDS metadata.
 
   python -m data_pipeline.build_synthetic --output data/synthetic_tiny --tile_size 128 \
-      --train 768 --validation 128 --test 640 --num_shards 8
+      --train 768 --validation 128 --test 640 --num_shards 8 [--storage uint8]
 
 Tiles come from :mod:`data_pipeline.synthetic` (deterministic in --seed and the tile index);
 splits use disjoint index ranges. The writer (:mod:`data_pipeline.writer`) is the one real data
 uses: shards are written in parallel (--workers), an interrupted build resumes when run again,
 TFDS opens the folder only once it is complete, and --overwrite replaces only a dataset the
-writer made, once the new one is complete.
+writer made, once the new one is complete. --storage picks how images are stored
+(``data_pipeline.quantise``): float16 dB (the default) or uint8 codes (half the bytes).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing dataset 
                                'folders are refused).')
 _SKIP_EXISTING = flags.DEFINE_bool('skip_existing', False,
                                    'Do nothing if a complete dataset already exists there.')
+_STORAGE = flags.DEFINE_enum(
+    'storage', schema.STORAGE_DTYPE, schema.STORAGE_DTYPES,
+    'How images are stored: float16 dB, or uint8 codes over fixed per-product dB ranges '
+    '(schema.UINT8_RANGE_DB; half the bytes, at most half a code step of error).')
 _WORKERS = flags.DEFINE_integer(
     'workers', 1, 'Processes writing shards in parallel. Each worker starts TensorFlow (~5 s), '
     'so more than 1 pays off only for builds of minutes (e.g. thousands of 448 px tiles).')
@@ -62,10 +67,11 @@ def split_units(train: int, validation: int, test: int) -> dict[str, list[int]]:
 
 def build(output: str, tile_size: int, train: int, validation: int, test: int, num_shards: int,
           host_count: int = 1, seed: int = 0, overwrite: bool = False, workers: int = 1,
-          progress: bool = False) -> schema.InputContract:
+          progress: bool = False, storage: str = schema.STORAGE_DTYPE) -> schema.InputContract:
   units = {name: ids for name, ids in split_units(train, validation, test).items() if ids}
   contract = schema.InputContract(tile_size=tile_size,
-                                  composite=schema.COMPOSITE_METHOD_SYNTHETIC)
+                                  composite=schema.COMPOSITE_METHOD_SYNTHETIC
+                                  ).with_storage(storage)
   description = (f'Synthetic Sentinel-1-like tiles (seed {seed}, {tile_size} px) from '
                  'data_pipeline.synthetic')
   make_examples = functools.partial(synthetic_examples, seed=seed, tile_size=tile_size)
@@ -86,14 +92,14 @@ def main(argv):
   try:
     contract = build(output, _TILE_SIZE.value, _TRAIN.value, _VALIDATION.value, _TEST.value,
                      _NUM_SHARDS.value, _HOST_COUNT.value, _SEED.value, _OVERWRITE.value,
-                     workers=_WORKERS.value, progress=True)
+                     workers=_WORKERS.value, progress=True, storage=_STORAGE.value)
   except (FileExistsError, PermissionError) as e:  # The output folder: the message says it.
     print(f'data_pipeline.build_synthetic: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
   total = _TRAIN.value + _VALIDATION.value + _TEST.value
   elapsed = time.perf_counter() - t0
-  print(f'Wrote {total} tiles of {_TILE_SIZE.value} px to {output} in {elapsed:.1f} s '
-        f'({total / elapsed:.1f} tiles/s).')
+  print(f'Wrote {total} tiles of {_TILE_SIZE.value} px ({contract.storage_summary()}) to '
+        f'{output} in {elapsed:.1f} s ({total / elapsed:.1f} tiles/s).')
   print('Training-split channel means (dB): ' + ', '.join(f'{m:.2f}' for m in contract.mean))
 
 

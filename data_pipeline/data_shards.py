@@ -24,6 +24,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from data_pipeline import dataset_info
+from data_pipeline import host_cache
 from data_pipeline import input as data_input
 from data_pipeline import schema
 
@@ -57,7 +58,8 @@ class ShardedStream:
       process_index: This process.
       process_count: Processes in the job.
       records: Optional selection of global record indices (see ``HostDataset``).
-      **reader_options: Passed to every part's ``HostDataset`` (reader, verify_checksums, ...).
+      **reader_options: Passed to every part's ``HostDataset`` (reader, verify_checksums,
+        host_cache, ...).
     """
     if data_shards < 1 or data_shards % process_count:
       raise ValueError(f'config.dataset.data_shards={data_shards} must be a positive multiple of '
@@ -73,23 +75,46 @@ class ShardedStream:
     self.contract = first.contract
     self.tile_size, self.num_channels = first.tile_size, first.num_channels
     self.reader = first.reader
+    self.order = first.order
     self.part_sizes = first.share_sizes  # Every part's size, computed from the metadata.
     self.num_examples = sum(part.num_examples for part in self.parts)
 
   def check_readable(self) -> None:
-    """Scans the parts' files now (local reader), so a missing or damaged file fails at start."""
+    """Scans the parts' files now (local and URL readers), so a missing or damaged file fails at
+    start; the host cache is decided then too (see :meth:`host_cache_summary`)."""
     for part in self.parts:
-      if part.reader == 'local':
+      if part.reader != 'tf':
         part._record_locations()  # pylint: disable=protected-access
+
+  def host_cache_summary(self) -> str:
+    """One line on which of this process's parts keep their records in memory, and how much
+    that takes (after :meth:`check_readable`)."""
+    if len(self.parts) == 1:
+      return self.parts[0].host_cache_message
+    cached = [part for part in self.parts if part.host_cache_bytes]
+    if not cached:
+      return self.parts[0].host_cache_message
+    line = (f'host cache: {host_cache.gb(sum(part.host_cache_bytes for part in cached))} for '
+            f'{sum(part.num_examples for part in cached)} tiles, {len(cached)} of the '
+            f'{len(self.parts)} data shards this process reads')
+    if len(cached) < len(self.parts):
+      line += '; ' + next(part.host_cache_message for part in self.parts
+                          if not part.host_cache_bytes)
+    return line
 
   @property
   def bad_records(self) -> list[str]:
     return [message for part in self.parts for message in getattr(part, 'bad_records', [])]
 
   def layout(self, seed: int, global_batch: int) -> dict[str, Any]:
-    """What decides the order of the global stream; equal layouts give equal streams."""
+    """What decides the order of the global stream; equal layouts give equal streams.
+
+    ``'reader'`` holds the reader's order (``HostDataset.order``), not the reader: the local and
+    the URL reader give one order, so a run moves between a local disk and a URL. The key keeps
+    its name so that checkpoints written before resume.
+    """
     return {'data_shards': self.data_shards, 'part_sizes': list(self.part_sizes),
-            'reader': self.reader, 'seed': seed, 'global_batch': global_batch}
+            'reader': self.order, 'seed': seed, 'global_batch': global_batch}
 
   def batches(self, local_batch: int, *, seed: int, start_step: int, num_steps: int,
               shuffle_buffer: int, features: tuple[str, ...] = (schema.IMAGE,)

@@ -151,10 +151,10 @@ def read(data_dir: str) -> DatasetInfo:
   Raises:
     FileNotFoundError: No dataset there (no or unreadable ``dataset_info.json``).
     ImportError: ``data_dir`` is a URL and TensorFlow is not installed: such datasets are read
-      with tf.data (``data_pipeline.tf_reader``).
+      through TensorFlow's filesystems (``data_pipeline.record_files``).
   """
   if '://' in os.fspath(data_dir) and importlib.util.find_spec('tensorflow') is None:
-    raise ImportError(f'{data_dir}: a dataset at a URL is read with tf.data, which needs '
+    raise ImportError(f'{data_dir}: a dataset at a URL is read through tf.io.gfile, which needs '
                       "TensorFlow: pip install 'mae_jax[data]', or copy the dataset to a local "
                       'disk (local folders need no TensorFlow)')
   folder = epath.Path(data_dir)

@@ -2,11 +2,12 @@
 
 :func:`read_record` walks one serialised record's protobuf structure with small reads, parses
 only the requested features (the others, known or not, are skipped unread) and copies the bytes
-of raw tensors (the float16 image) from the file into their row of the batch array: one copy, the
-one a plain ``read`` of the file does too. A :class:`Codec` (from :func:`codec_for`) says what a
-requested feature is stored as and what array it becomes; a record that does not match is a
-``tfrecord_index.BadRecordError`` naming it. :func:`fill_missing` fills a bad record's row with
-missing values.
+of raw tensors (the image, float16 or uint8) from the file into their row of the batch array:
+one copy, the one a plain ``read`` of the file does too. A :class:`Codec` (from
+:func:`codec_for`) says what a requested feature is stored as and what array it becomes; a
+record that does not match is a ``tfrecord_index.BadRecordError`` naming it.
+:func:`fill_missing` fills a bad record's row with missing values (0, the no-data code, in a
+uint8 image).
 """
 
 from __future__ import annotations
@@ -101,8 +102,8 @@ class _Record:
 
   def __init__(self, fd: int | None, start: int, length: int, where: str,
                data: bytes | None = None):
-    """``where`` starts every error message; ``data``, if given, is the whole record in memory
-    (then ``fd`` is not read)."""
+    """``where`` starts every error message; ``data``, if given, is the whole record in memory,
+    any bytes-like object (e.g. a memoryview into a larger read; then ``fd`` is not read)."""
     self.fd, self.start, self.length, self.where = fd, start, length, where
     self._chunk, self._chunk_pos = (b'', 0) if data is None else (data, 0)
 
@@ -124,14 +125,18 @@ class _Record:
 
   def read(self, pos: int, n: int) -> bytes:
     i = self._span(pos, n)
-    return self._chunk[i:i + n]
+    # bytes() copies only a memoryview's slice (small: keys, numbers, texts); a bytes slice is
+    # returned as it is.
+    return bytes(self._chunk[i:i + n])
 
   def readinto(self, pos: int, out: memoryview) -> None:
     """Copies bytes at ``pos`` into ``out``; big spans go file -> ``out`` in one pread."""
     n = len(out)
     i = pos - self._chunk_pos
     if 0 <= i and i + n <= len(self._chunk):
-      out[:] = memoryview(self._chunk)[i:i + n]
+      # numpy copies without the GIL (a memoryview assignment holds it): records parsed from
+      # memory (URL reads, the host cache) copy their tensors on all reader threads at once.
+      np.copyto(np.asarray(out), np.frombuffer(self._chunk, np.uint8, n, i))
       return
     if pos < 0 or pos + n > self.length:
       raise self.corrupt(f'malformed tf.train.Example: bytes {pos}..{pos + n} past its end')

@@ -8,19 +8,28 @@ have had from step ``s`` on, without decoding the records before it. Only the re
 are parsed, so records carrying features this module does not know (from a newer writer) read
 fine.
 
-Two readers give such a stream; ``HostDataset(reader=...)`` picks one, by default the first for
-local folders and the second for URLs (``gs://...``). They give different orders: resume a run
-with the same kind of path it started on. Their speeds are in bench/README.md.
+Three readers give such a stream; ``HostDataset(reader=...)`` picks one, by default
+``'local'`` for local folders and ``'url'`` for URLs (``gs://...``). These two give the same
+batches for the same (seed, step): a run moves between a local disk and cloud storage, and
+resumes exactly, in either direction. Their speeds are in bench/README.md.
 
-* ``'local'``: files on a local filesystem, the fast path. It scans the record headers once
-  (``data_pipeline.tfrecord_index``) and shuffles record *locations*: whole epochs (not a
-  window) for no memory, and a resume costs no I/O. Reader threads parse each record straight
-  from the file into the batch arrays (``data_pipeline.example_codec``, ``array_pool``). It
-  checks header CRCs; payload CRCs only with ``verify_checksums=True``, the first time the
+* ``'local'`` and ``'url'``: one algorithm, two byte sources (``data_pipeline.record_files``).
+  It scans the record headers once (``data_pipeline.tfrecord_index``; kept per process) and
+  shuffles record *locations*: whole epochs (not a window) for no memory, and a resume costs
+  no I/O. Reader threads parse each record into the batch arrays
+  (``data_pipeline.example_codec``, ``array_pool``). ``'local'`` reads files of a local
+  filesystem with ``os.pread``, parsing in place (only the requested features' bytes are
+  read); ``'url'`` reads any filesystem TensorFlow knows through ``tf.io.gfile`` (it works on
+  local paths too: that is how tests and benchmarks check it), whole records as byte ranges,
+  adjacent records of a batch in one read, with more threads for URLs (remote reads mostly wait).
+  Both check header CRCs; payload CRCs only with ``verify_checksums=True``, the first time the
   dataset reads each record (that first epoch reads slower, later ones do not).
-* ``'tf'``: ``tf.data`` (``data_pipeline.tf_reader``): any filesystem TensorFlow knows, the CRC
-  of every record checked, records shuffled in a window of ``shuffle_buffer``; slower than
-  ``'local'``. Copy data to a local disk to train fast.
+  ``host_cache`` (``data_pipeline.host_cache``) keeps the records in memory after their first
+  read when they fit, so later epochs read no storage; the batches stay the same.
+* ``'tf'``: ``tf.data`` (``data_pipeline.tf_reader``), the URL reader before ``'url'``, kept
+  only to resume runs started on a URL before, in their order (records shuffled in a window of
+  ``shuffle_buffer``, another order than the others'); it checks the CRC of every record, is
+  slower, and cannot skip bad records.
 
 ``HostDataset(records=...)`` restricts reading to a selection of the split's records (a label
 fraction, some regions: see ``data_pipeline.subsets``), named by *global record index*: the
@@ -36,15 +45,16 @@ reading, each error (BadRecordError, a ValueError) names the file, the record's 
 its global record index and its byte offset: a header failing its CRC or a truncated file, a
 record whose features are malformed or have another size than the metadata's (e.g. another band
 count), and with ``verify_checksums`` (tf.data: always) a payload failing its CRC. Without
-``verify_checksums`` the local reader does NOT see damage inside a raw tensor's bytes that leaves
-the protobuf structure intact. ``max_bad_records=N > 0`` (local reader) reads up to N bad
-records, each counted once, as missing values (NaN floats and images, 0 raw integers, -1
-integers, b'' texts) flagged in ``batch[BAD_RECORD]``: records of a missing file, or after
+``verify_checksums`` the local and URL readers do NOT see damage inside a raw tensor's bytes that
+leaves the protobuf structure intact. ``max_bad_records=N > 0`` (not with tf.data) reads up to N bad
+records, each counted once, as missing values (NaN floats and float16 images, 0 raw integers:
+code 0, no-data, of uint8 images; -1 integers, b'' texts) flagged in ``batch[BAD_RECORD]``: records of a missing file, or after
 damage in a truncated one, included, so the epoch layout and every good record's place and
 content stay those of a clean read.
 
-Images stay float16 dB (NaN = no-data) on the host; ``mae_jax.preprocess`` casts and normalises
-them on the device. ``data_pipeline.device_batches`` turns per-host batches into global arrays.
+Images stay in their dataset's storage form on the host (float16 dB with NaN = no-data, or uint8
+codes with 0 = no-data: ``data_pipeline.quantise``); ``mae_jax.preprocess`` decodes and
+normalises them on the device. ``data_pipeline.device_batches`` turns per-host batches into global arrays.
 """
 
 from __future__ import annotations
@@ -57,6 +67,7 @@ import os
 import sys
 import threading
 from typing import Iterator, Sequence
+import weakref
 
 from absl import logging
 import jax
@@ -65,6 +76,8 @@ import numpy as np
 from data_pipeline import array_pool
 from data_pipeline import dataset_info
 from data_pipeline import example_codec
+from data_pipeline import host_cache as host_cache_lib
+from data_pipeline import record_files
 from data_pipeline import schema
 from data_pipeline import tf_reader
 from data_pipeline import tfrecord_index
@@ -72,10 +85,20 @@ from data_pipeline import writer
 
 # Reader threads of the local reader. Their work is mostly preads, which release the GIL: from
 # the page cache a memory copy, from disk a wait, where more reads in flight keep the disk
-# busier; bench/README.md has the measurements behind the count.
+# busier; bench/README.md has the measurements behind the count. The URL reader has its own
+# (record_files.URL_READ_THREADS).
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 _READ_THREADS = min(16, max(4, 2 * _CORES))
-_READERS = ('auto', 'local', 'tf')
+_READERS = ('auto', 'local', 'url', 'tf')
+# The data order each reader gives, as checkpoints record it (data_shards.ShardedStream.layout):
+# 'local' names the record-index order of both the local and the URL reader (the name it had
+# when only local files had it, so older checkpoints resume).
+_ORDER = {'local': 'local', 'url': 'local', 'tf': 'tf'}
+# The URL reader reads the records of a batch that lie in one file at most _RUN_GAP bytes apart
+# as one byte range of at most _RUN_BYTES (file order in evaluation passes, small selections):
+# a remote request costs about as much time as transferring an MiB more.
+_RUN_GAP = 1 << 20
+_RUN_BYTES = 32 << 20
 
 # Key of the boolean array eval_batches adds to every batch: True for real examples, False for
 # the padding that fills the last batches.
@@ -97,17 +120,6 @@ def configure_tensorflow() -> None:
   except ImportError:
     return
   tf.config.set_visible_devices([], 'GPU')
-
-
-def _read_verified(verifier: tfrecord_index.Verifier, verified: np.ndarray, row: int,
-                   file_index: int, fd: int, start: int, length: int, where: str,
-                   codecs: dict[bytes, example_codec.Codec], out: dict[str, np.ndarray],
-                   raw_out: dict[str, np.ndarray], slot: int) -> None:
-  """example_codec.read_record from the record's bytes once TensorFlow has checked their CRC;
-  marks ``verified[row]``."""
-  data = verifier.read(file_index, start, length, where)
-  example_codec.read_record(fd, start, length, where, codecs, out, raw_out, slot, data)
-  verified[row] = True
 
 
 def _missing_files(paths: Sequence[str], use_tf: bool) -> list[str]:
@@ -161,6 +173,126 @@ def _selection(records, split_size: int, where: str) -> np.ndarray:
   return selected
 
 
+def _runs(ranged: list[tuple[int, int, int, int]], locations: np.ndarray
+          ) -> list[list[tuple[int, int, int, int]]]:
+  """(file index, offset, slot, row) of records grouped into byte ranges to read at once.
+
+  Records of one file at most _RUN_GAP apart share a range of at most _RUN_BYTES (a record and
+  its 4-byte CRC, the next one's 12-byte header, ...). The same row twice (a selection smaller
+  than a batch) reads once.
+  """
+  runs, end = [], 0
+  for item in sorted(ranged):
+    file_index, offset, _, row = item
+    item_end = offset + int(locations[row, 2]) + 4
+    if (runs and runs[-1][0][0] == file_index and offset - end <= _RUN_GAP and
+        item_end - runs[-1][0][1] <= _RUN_BYTES):
+      runs[-1].append(item)
+      end = max(end, item_end)
+    else:
+      runs.append([item])
+      end = item_end
+  return runs
+
+
+class _RecordReads:
+  """How one stream reads the record of a row into a batch slot.
+
+  From the host cache if it has it; otherwise locally in place (only the requested features'
+  bytes, tensors straight into the batch arrays), or through a URL as whole records, the
+  records of a run in one byte range. With ``verify_checksums``, a row's payload CRC is checked
+  the first time it is read (``verified``); the cache keeps only records read whole (and
+  checked). Each read returns ``{slot: BadRecordError}`` for the slots whose record is bad; other
+  errors (an unreadable file) raise.
+  """
+
+  def __init__(self, files: record_files.LocalFiles | record_files.UrlFiles,
+               locations: np.ndarray, paths: Sequence[str],
+               wanted: dict[bytes, example_codec.Codec], verify: bool, verified: np.ndarray,
+               cache: host_cache_lib.RecordCache | None):
+    self.files, self.locations, self.paths, self.wanted = files, locations, paths, wanted
+    self.verified = verified if verify else None
+    # Local files are checked by TensorFlow's record reader when it is installed (it reads and
+    # checks without the GIL); a remote record is in memory already: google-crc32c checks it.
+    self.verifier = tfrecord_index.Verifier(paths) if verify and not files.remote else None
+    self.cache = cache
+
+  def where(self, row: int) -> str:
+    file_index, offset, _, in_file, index = (int(v) for v in self.locations[row])
+    return f'{self.paths[file_index]}: record {in_file} (split record {index}, byte {offset - 12})'
+
+  def cached(self, row: int) -> bool:
+    return self.cache is not None and self.cache.get(row) is not None
+
+  def _unverified(self, row: int) -> bool:
+    return self.verified is not None and not self.verified[row]
+
+  def one(self, slot: int, row: int, out, raw_out) -> dict[int, BadRecordError]:
+    """The record of ``row`` into ``slot``: from the cache, or from a local file."""
+    file_index, offset, length = (int(v) for v in self.locations[row, :3])
+    where = self.where(row)
+    try:
+      data = self.cache.get(row) if self.cache is not None else None
+      if data is None:
+        target = self.cache.claim(row) if self.cache is not None else None
+        kept = False
+        try:
+          if self._unverified(row):
+            data = self.verifier.read(file_index, offset, length, where)
+            self.verified[row] = True
+            if target is not None:
+              np.copyto(target, np.frombuffer(data, np.uint8))
+              kept = True
+          elif target is not None:
+            if self.files.readinto(file_index, offset, memoryview(target)) < length:
+              raise BadRecordError(f'{where}: the file ends inside the record; it changed since '
+                                   'its headers were scanned')
+            data, kept = memoryview(target), True
+        finally:
+          if target is not None:
+            self.cache.done(row, kept)
+      fd = self.files.fd(file_index) if data is None else None  # None: parsed from memory.
+      example_codec.read_record(fd, offset, length, where, self.wanted, out, raw_out, slot, data)
+    except BadRecordError as e:
+      return {slot: e}
+    return {}
+
+  def run(self, items: list[tuple[int, int, int, int]], out, raw_out
+          ) -> dict[int, BadRecordError]:
+    """The records of ``items`` (see _runs) from one byte range of their file."""
+    file_index, start = items[0][0], items[0][1]
+    end = max(offset + int(self.locations[row, 2]) + 4 for _, offset, _, row in items)
+    data = memoryview(self.files.read(file_index, start, end - start))
+    errors = {}
+    for _, offset, slot, row in items:
+      length = int(self.locations[row, 2])
+      where = self.where(row)
+      at = offset - start
+      record = data[at:at + length]
+      try:
+        if len(record) < length:
+          raise BadRecordError(f'{where}: the file ends inside the record; it changed since '
+                               'its headers were scanned')
+        if self._unverified(row):
+          footer = bytes(data[at + length:at + length + 4])
+          if len(footer) < 4:
+            raise BadRecordError(f'{where}: the file ends inside the record; it changed since '
+                                 'its headers were scanned')
+          tfrecord_index.check_crc(record, footer, where)
+          self.verified[row] = True
+        target = self.cache.claim(row) if self.cache is not None else None
+        if target is not None:
+          try:
+            np.copyto(target, np.frombuffer(record, np.uint8))
+          finally:
+            self.cache.done(row, True)
+        example_codec.read_record(None, offset, length, where, self.wanted, out, raw_out, slot,
+                                  record)
+      except BadRecordError as e:
+        errors[slot] = e
+    return errors
+
+
 class HostDataset:
   """This process's share of one split, or of a selection of its records, and how to stream it.
 
@@ -179,7 +311,14 @@ class HostDataset:
       all of them from the dataset's metadata, without reading records).
     records: The selection as sorted global record indices, or None for the whole split.
     split_size: Records in the whole split (global record indices are 0..split_size-1).
+    reader: ``'local'``, ``'url'`` or ``'tf'``, resolved from the constructor's ``'auto'``.
+    order: The data order the reader gives, as checkpoints record it: ``'local'`` (the local
+      and the URL reader: one order) or ``'tf'``.
     max_bad_records, verify_checksums: As given to the constructor.
+    host_cache_message: A line saying whether the records are kept in memory (``host_cache``)
+      and how much that takes; known once the files are scanned (the first read, or
+      ``data_shards.ShardedStream.check_readable``).
+    host_cache_bytes: Bytes reserved for that (0: not cached).
     bad_records: The message of each bad record met so far (each record once, however often
       it is read), in the order the batches met them; always empty with max_bad_records=0.
   """
@@ -187,7 +326,8 @@ class HostDataset:
   def __init__(self, data_dir: str, split: str, process_index: int | None = None,
                process_count: int | None = None, *, reader: str = 'auto',
                records: np.ndarray | Sequence[int] | None = None,
-               max_bad_records: int = 0, verify_checksums: bool = False):
+               max_bad_records: int = 0, verify_checksums: bool = False,
+               host_cache: str | int = 'off'):
     """Opens the share.
 
     Args:
@@ -195,32 +335,43 @@ class HostDataset:
       split: Split name, e.g. ``'train'``.
       process_index: This process; default ``jax.process_index()``.
       process_count: Number of processes sharing the split; default ``jax.process_count()``.
-      reader: ``'local'``, ``'tf'`` or ``'auto'`` (see the module docstring).
+      reader: ``'local'``, ``'url'``, ``'tf'`` or ``'auto'``: ``'url'`` for a URL, else
+        ``'local'`` (see the module docstring).
       records: None for the whole split, or the global record indices to read (any order). An
         index out of range, or given twice, is a ValueError: a repeat is more likely a bug in
         how the selection was made than a wish to weight a record, and silently dropping it
         would change the epoch size the caller expects.
       max_bad_records: 0: a bad record (corrupt, truncated, malformed, of the wrong size, in a
         missing file) raises a BadRecordError (a ValueError) naming its file and record. N > 0
-        (local reader only): up to N bad records are read as missing values, flagged in
-        ``batch[BAD_RECORD]``, logged and listed in :attr:`bad_records`; one more raises.
-      verify_checksums: Local reader: check each record's payload CRC the first time this
-        dataset reads it (through TensorFlow's record reader; that read is slower: see
-        bench/README.md). The tf.data reader always checks every read.
+        (not with the tf.data reader): up to N bad records are read as missing values,
+        flagged in ``batch[BAD_RECORD]``, logged and listed in :attr:`bad_records`; one more
+        raises.
+      verify_checksums: Local and URL readers: check each record's payload CRC the first time
+        this dataset reads it (local files through TensorFlow's record reader, URLs with
+        ``google-crc32c``; that read is slower: see bench/README.md). The tf.data reader always
+        checks every read.
+      host_cache: Keep the records in memory after their first read, when they fit: ``'off'``,
+        ``'auto'`` (URLs only), ``'on'`` or a number of bytes (see ``data_pipeline.host_cache``;
+        not with the tf.data reader). Off by default: worth it only for data read more than
+        once (training, a validation split read at every evaluation).
 
     Raises:
       FileNotFoundError: No dataset there, or files of this process's share missing (with
         max_bad_records > 0, a warning instead: their records read as bad records).
       ValueError: No such split, files not divisible among processes, an empty share, bad
-        ``records``, none of the selected records in this process's share, or
-        max_bad_records > 0 with the tf.data reader.
+        ``records``, none of the selected records in this process's share, a bad
+        ``host_cache``, or max_bad_records > 0 with the tf.data reader.
     """
     configure_tensorflow()
     if reader not in _READERS:
       raise ValueError(f'reader must be one of {_READERS}, got {reader!r}')
+    if reader == 'local' and '://' in os.fspath(data_dir):
+      raise ValueError(f"{data_dir}: reader='local' reads local paths only; read a URL with "
+                       "reader='url' (or 'auto'), which gives the same batches")
     if (isinstance(max_bad_records, bool) or not isinstance(max_bad_records, (int, np.integer))
         or max_bad_records < 0):
       raise ValueError(f'max_bad_records must be an integer >= 0, got {max_bad_records!r}')
+    self._host_cache = host_cache_lib.parse(host_cache)
     self.data_dir = data_dir
     self._split_name = split
     self.info = dataset_info.read(data_dir)
@@ -243,13 +394,15 @@ class HostDataset:
     # Which records of which files make this share (whole files, or parts at share borders).
     self.file_instructions = whole.file_instructions(start, stop)
     if reader == 'auto':
-      reader = 'tf' if '://' in os.fspath(data_dir) else 'local'
+      reader = 'url' if '://' in os.fspath(data_dir) else 'local'
     self.reader = reader
+    self.order = _ORDER[reader]
+    self._remote = reader == 'url'  # Bytes through tf.io.gfile (record_files.UrlFiles).
     if max_bad_records and reader == 'tf':
       raise ValueError(
-          f'{data_dir}: max_bad_records={max_bad_records} needs the local reader, which can '
-          'skip a bad record; the tf.data reader (used for URLs) cannot: copy the data to a '
-          "local disk and read it with reader='local' (or set max_bad_records=0)")
+          f'{data_dir}: max_bad_records={max_bad_records} needs the local reader (or the URL '
+          "reader, its twin), which can skip a bad record; the tf.data reader cannot: read with "
+          "reader='auto' (or set max_bad_records=0)")
     self.max_bad_records = int(max_bad_records)
     self.verify_checksums = bool(verify_checksums)
     self.bad_records: list[str] = []
@@ -259,6 +412,10 @@ class HostDataset:
     self._missing_files: frozenset[str] = frozenset()
     self._locations = None  # See _record_locations; lazily.
     self._verified = None  # Per row of _record_locations: CRC checked (verify_checksums).
+    self._cache: host_cache_lib.RecordCache | None = None  # Decided with _record_locations.
+    self.host_cache_bytes = 0
+    self.host_cache_message = ('host cache: not used by the tf.data reader' if reader == 'tf'
+                               else 'host cache: not decided yet (the files are not scanned)')
 
     # Global index of each file's first record, to number the records of any share.
     self.split_size = whole.num_examples
@@ -302,10 +459,10 @@ class HostDataset:
     self._check_files(split)
 
   def _check_files(self, split: str) -> None:
-    """Every file this process reads exists: one folder listing (tf.io.gfile for tf reads)."""
+    """Every file this process reads exists: one folder listing (tf.io.gfile unless local)."""
     paths = [path for (path, *_), chosen in zip(self.file_instructions, self._selected)
              if chosen is None or chosen.size]
-    missing = _missing_files(paths, use_tf=self.reader == 'tf')
+    missing = _missing_files(paths, use_tf=self.reader != 'local')
     if not missing:
       return
     names = ', '.join(os.path.basename(p) for p in missing[:8])
@@ -369,13 +526,14 @@ class HostDataset:
       start_step: Batch number of the first batch; earlier records are skipped, not decoded.
       num_steps: Number of batches; epochs follow each other as needed.
       shuffle_buffer: 0 or 1 reads the share in file order. Larger: the local reader shuffles
-        whole epochs (it shuffles record locations, which cost no memory); the tf.data reader
-        shuffles in a window of this many raw records.
+        whole epochs (it shuffles record locations, which cost no memory), the URL reader too;
+        the tf.data reader shuffles in a window of this many raw records.
       features: Names of the features to return (others are not parsed).
 
     Returns:
       An iterator of dicts of numpy arrays with a leading batch axis: raw tensors in their stored
-      dtype (image float16, worldcover uint8), floats float32, class labels int64, texts bytes.
+      dtype (image float16 or uint8 as stored, worldcover uint8), floats float32, class labels
+      int64, texts bytes.
     """
     if self.records is None and (local_batch < 1 or local_batch > self.num_examples):
       raise ValueError(f'per-host batch {local_batch} must lie in 1..{self.num_examples}, the '
@@ -418,16 +576,20 @@ class HostDataset:
       return self._tf_reader().eval_batches(local_batch, num_batches, codecs, EXAMPLE_MASK)
     return self._local_eval_batches(local_batch, num_batches, codecs)
 
-  # --- Local reader ---------------------------------------------------------------------------
+  # --- Local and URL reader ---------------------------------------------------------------------
 
   def _record_locations(self) -> np.ndarray:
     """(file index, offset, length, record in file, global record index) of each record read.
 
-    Rows in file order; scanned once. With max_bad_records > 0, the records of a missing file,
-    or after the damage in a damaged one, keep their rows (so the epoch layout, which follows
-    the metadata's counts, does not change) with offset -1; ``_lost`` says why.
+    Rows in file order; scanned once (files in parallel), then the host cache is decided. With
+    max_bad_records > 0, the records of a missing file, or after the damage in a damaged one,
+    keep their rows (so the epoch layout, which follows the metadata's counts, does not change)
+    with offset -1; ``_lost`` says why.
     """
     if self._locations is None:
+      to_scan = [path for (path, *_), chosen in zip(self.file_instructions, self._selected)
+                 if (chosen is None or chosen.size) and path not in self._missing_files]
+      scans = self._scan_files(to_scan)
       parts = []
       for index, ((path, skip, take, in_shard), chosen) in enumerate(
           zip(self.file_instructions, self._selected)):
@@ -441,7 +603,7 @@ class HostDataset:
         if path in self._missing_files:
           self._lost[index] = 'the file is missing'
         else:
-          located, lost = self._scan_file(path, in_shard, first)
+          located, lost = self._scan_file(path, scans[path], in_shard, first)
           rows[:len(located), 1:3] = located
           if lost:
             self._lost[index] = lost
@@ -449,17 +611,30 @@ class HostDataset:
         if chosen is not None:
           rows = rows[chosen]
         parts.append(rows)
-      self._locations = np.concatenate(parts)
-      self._verified = np.zeros(len(self._locations), np.bool_)  # See verify_checksums.
+      locations = np.concatenate(parts)
+      self._verified = np.zeros(len(locations), np.bool_)  # See verify_checksums.
+      self._open_cache(locations)
+      self._locations = locations
     return self._locations
 
-  def _scan_file(self, path: str, in_shard: int, first: int) -> tuple[np.ndarray, str | None]:
+  def _scan_files(self, paths: list[str]) -> dict[str, tuple[np.ndarray, tuple | None]]:
+    """record_files.scan of each path, several at once (remote scans mostly wait)."""
+    threads = min(len(paths), record_files.read_threads(paths, self._remote, _READ_THREADS))
+    scan = functools.partial(record_files.scan, remote=self._remote)
+    if threads <= 1:
+      return {path: scan(path) for path in paths}
+    with concurrent.futures.ThreadPoolExecutor(threads, 'host_dataset_scan') as pool:
+      return dict(zip(paths, pool.map(scan, paths)))
+
+  def _scan_file(self, path: str, scanned: tuple[np.ndarray, tuple | None], in_shard: int,
+                 first: int) -> tuple[np.ndarray, str | None]:
     """(offset, length) of the file's records that can be located, and why the others cannot.
 
-    Damage, or fewer records than the metadata's ``in_shard``, raises; with max_bad_records > 0
-    it is logged, and the records from the damage on are lost (the reason is returned).
+    ``scanned`` is the file's ``tfrecord_index.scan``. Damage, or fewer records than the
+    metadata's ``in_shard``, raises; with max_bad_records > 0 it is logged, and the records from
+    the damage on are lost (the reason is returned).
     """
-    records, damage = tfrecord_index.scan(path)
+    records, damage = scanned
     if len(records) > in_shard:
       raise BadRecordError(f'{path}: {len(records)} records, the dataset metadata says '
                            f'{in_shard}; the folder changed since it was written')
@@ -483,6 +658,19 @@ class HostDataset:
     logging.warning('%s; they will read as bad records (max_bad_records=%d)', message,
                     self.max_bad_records)
     return records, f'lost to the damage at record {at} (byte {pos}) of the file: {what}'
+
+  def _open_cache(self, locations: np.ndarray) -> None:
+    """Decides whether this dataset keeps its records in memory (``host_cache``)."""
+    lengths = np.where(locations[:, 1] >= 0, locations[:, 2], 0)
+    cached, message = host_cache_lib.reserve(self._host_cache, int(lengths.sum()),
+                                             len(locations), self._remote)
+    self.host_cache_message = message
+    logging.info('%s split %r, process %d: %s', self.data_dir, self._split_name,
+                 self.process_index, message)
+    if cached:
+      self._cache = host_cache_lib.RecordCache(lengths)
+      self.host_cache_bytes = self._cache.nbytes
+      weakref.finalize(self, host_cache_lib.release, self._cache.nbytes)
 
   def _lost_message(self, row: int) -> str:
     """Why a record of _record_locations without a location (offset -1) cannot be read."""
@@ -545,22 +733,24 @@ class HostDataset:
   def _local_stream(self, batch_records, steps: range, local_batch, codecs, mask=None):
     """Reads batch ``step`` = the records ``batch_records(step)`` for each step in ``steps``.
 
-    ``mask``, if given, maps a step to its ``EXAMPLE_MASK`` array.
+    ``mask``, if given, maps a step to its ``EXAMPLE_MASK`` array. Which records fill which
+    slots is decided here, the same for every byte source; _RecordReads reads them.
     """
     locations = self._record_locations()
     wanted = {c.name.encode(): c for c in codecs}
     paths = [path for path, *_ in self.file_instructions]
     skip_bad = self.max_bad_records > 0
     bad_rows = self._bad  # Rows known bad (only ever filled with skip_bad): not read again.
-    verified = self._verified  # Rows whose CRC was checked once: read on the fast path since.
+    remote = self._remote
+    threads = record_files.read_threads(paths, remote, _READ_THREADS)
 
     def generate():
-      readable = np.unique(locations[locations[:, 1] >= 0, 0])
-      fds = {int(i): os.open(paths[i], os.O_RDONLY) for i in readable}
-      verifier = tfrecord_index.Verifier(paths) if self.verify_checksums else None
+      files = record_files.open_files(paths, remote)
+      reads = _RecordReads(files, locations, paths, wanted, self.verify_checksums,
+                           self._verified, self._cache)
       # Enough batches in flight to keep every thread busy while the consumer works on one.
-      depth = max(2, math.ceil(2 * _READ_THREADS / local_batch))
-      pool = concurrent.futures.ThreadPoolExecutor(_READ_THREADS, 'host_dataset_read')
+      depth = max(2, math.ceil(2 * threads / local_batch))
+      pool = concurrent.futures.ThreadPoolExecutor(threads, 'host_dataset_read')
       pending = collections.deque()
       # The consumer holds one batch while asking for the next: depth + 2 arrays of each kind
       # cycle in steady state.
@@ -572,22 +762,23 @@ class HostDataset:
         raw_out = {c.name: out[c.name].reshape(local_batch, -1).view(np.uint8)
                    for c in codecs if c.kind == example_codec.RAW}
         rows = batch_records(step)
-        reads = []  # Per slot, the read's future, or None for a record known to be bad.
+        # Per slot, the future reading it (several slots may share one), or None for a record
+        # known to be bad.
+        jobs: list[concurrent.futures.Future | None] = [None] * local_batch
+        ranged = []  # (file index, offset, slot, row) of the records read as byte ranges.
         for slot, row in enumerate(rows):
-          file_index, offset, length, in_file, index = (int(v) for v in locations[row])
-          if offset < 0 or row in bad_rows:
-            reads.append(None)
+          row = int(row)
+          if locations[row, 1] < 0 or row in bad_rows:
             continue
-          where = (f'{paths[file_index]}: record {in_file} (split record {index}, '
-                   f'byte {offset - 12})')
-          if verifier is None or verified[row]:
-            reads.append(pool.submit(example_codec.read_record, fds[file_index], offset, length,
-                                     where, wanted, out, raw_out, slot))
+          if remote and not reads.cached(row):
+            ranged.append((int(locations[row, 0]), int(locations[row, 1]), slot, row))
           else:
-            reads.append(pool.submit(_read_verified, verifier, verified, row, file_index,
-                                     fds[file_index], offset, length, where, wanted, out,
-                                     raw_out, slot))
-        pending.append((step, rows, out, reads))
+            jobs[slot] = pool.submit(reads.one, slot, row, out, raw_out)
+        for run in _runs(ranged, locations):
+          job = pool.submit(reads.run, run, out, raw_out)
+          for _, _, slot, _ in run:
+            jobs[slot] = job
+        pending.append((step, rows, out, jobs))
 
       todo = iter(steps)
       try:
@@ -596,21 +787,20 @@ class HostDataset:
           if len(pending) >= depth:
             break
         while pending:
-          step, rows, out, reads = pending.popleft()
+          step, rows, out, jobs = pending.popleft()
           bad = []
-          for slot, read in enumerate(reads):  # In slot order: deterministic counts and errors.
-            if read is None:
-              row = int(rows[slot])
+          for slot, job in enumerate(jobs):  # In slot order: deterministic counts and errors.
+            row = int(rows[slot])
+            if job is None:
               message = bad_rows.get(row) or self._lost_message(row)
             else:
-              try:
-                read.result()
+              error = job.result().get(slot)
+              if error is None:
                 continue
-              except BadRecordError as e:
-                if not skip_bad:
-                  raise
-                message = str(e)
-            self._bad_record(int(rows[slot]), message)
+              if not skip_bad:
+                raise error
+              message = str(error)
+            self._bad_record(row, message)
             bad.append(slot)
           for next_step in todo:
             submit(next_step)
@@ -633,13 +823,12 @@ class HostDataset:
           yield batch
           del batch
       finally:
-        for _, _, _, reads in pending:
-          for read in reads:
-            if read is not None:
-              read.cancel()
+        for _, _, _, jobs in pending:
+          for job in jobs:
+            if job is not None:
+              job.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
-        for fd in fds.values():
-          os.close(fd)
+        files.close()
 
     return generate()
 

@@ -2,9 +2,12 @@
 
 A TFRecord file is a run of records, each a 12-byte header (the data's length as a little-endian
 uint64, then a masked CRC32C of those 8 bytes), the data, and a masked CRC32C of the data.
-:func:`scan_tfrecord` reads only the headers (a 12-byte read per record) and checks each length
-against its CRC, in pure Python; :class:`Verifier` reads whole records and checks the data's CRC
-too (through TensorFlow's C++ record reader, or without TensorFlow through ``google-crc32c``). :class:`BadRecordError` is the error of every
+:func:`scan` reads only the headers (of a local file a 12-byte read per record; of any file
+through a ``read`` function, in chunks of any size: ``data_pipeline.record_files`` reads remote
+files in large sequential chunks) and checks each length against its CRC, in pure Python;
+:class:`Verifier` reads whole records and checks the data's CRC too (through TensorFlow's C++
+record reader, or without TensorFlow through ``google-crc32c``); :func:`check_crc` checks the
+CRC of a record already in memory. :class:`BadRecordError` is the error of every
 record that cannot be read as the dataset metadata describes it, here and in the readers of
 ``data_pipeline.input`` (which the user catches it from).
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 import struct
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -49,38 +52,56 @@ def _mask(crc: int) -> int:
   return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def scan(path: str) -> tuple[np.ndarray, tuple[int, int, str] | None]:
+def scan(path: str, read: Callable[[int, int], bytes] | None = None, size: int | None = None,
+         chunk: int = 12) -> tuple[np.ndarray, tuple[int, int, str] | None]:
   """(offset, length) of each record's data up to the first damage, and that damage.
 
   The damage is None or (index of the first record that cannot be read, its byte offset,
   what is wrong): a length header that fails its CRC (nothing after it can be framed) or a
   file that ends inside a record.
+
+  Args:
+    path: The file; read with ``os.pread`` unless ``read`` is given.
+    read: ``read(offset, n)``: up to ``n`` bytes of the file from ``offset`` (fewer only at its
+      end).
+    size: The file's size in bytes; default ``os.path.getsize(path)``.
+    chunk: Bytes asked for per read, from the header that the bytes in hand do not hold: 12
+      reads each header alone (cheap from a local disk); a few MiB read a remote file in few
+      requests, headers of small records many to a read, those of big records one per read.
   """
-  size = os.path.getsize(path)
+  if read is None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+      return scan(path, lambda offset, n: os.pread(fd, n, offset),
+                  os.fstat(fd).st_size if size is None else size, chunk)
+    finally:
+      os.close(fd)
+  if size is None:
+    size = os.path.getsize(path)
   records = []
   damage = None
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    pos = 0
-    while pos < size:
-      header = os.pread(fd, 12, pos)
-      if len(header) < 12:
-        damage = (len(records), pos, f'truncated TFRecord file: it ends {size - pos} bytes into '
-                  f'the 12-byte header at byte {pos}')
-        break
-      length, crc = struct.unpack('<QI', header)
-      if masked_crc32c(header[:8]) != crc:
-        damage = (len(records), pos, f'corrupt TFRecord header at byte {pos} (bad length CRC)')
-        break
-      end = pos + 12 + length + 4
-      if end > size:
-        damage = (len(records), pos, f'truncated TFRecord file: the record at byte {pos} ends at '
-                  f'byte {end}, the file has {size}')
-        break
-      records.append((pos + 12, length))
-      pos = end
-  finally:
-    os.close(fd)
+  buffer, buffer_pos = b'', 0  # Bytes of the file from buffer_pos on, as last read.
+  pos = 0
+  while pos < size:
+    at = pos - buffer_pos
+    if at + 12 > len(buffer):
+      buffer, buffer_pos, at = read(pos, max(12, min(chunk, size - pos))), pos, 0
+    header = buffer[at:at + 12]
+    if len(header) < 12:
+      damage = (len(records), pos, f'truncated TFRecord file: it ends {size - pos} bytes into '
+                f'the 12-byte header at byte {pos}')
+      break
+    length, crc = struct.unpack('<QI', header)
+    if masked_crc32c(header[:8]) != crc:
+      damage = (len(records), pos, f'corrupt TFRecord header at byte {pos} (bad length CRC)')
+      break
+    end = pos + 12 + length + 4
+    if end > size:
+      damage = (len(records), pos, f'truncated TFRecord file: the record at byte {pos} ends at '
+                f'byte {end}, the file has {size}')
+      break
+    records.append((pos + 12, length))
+    pos = end
   return np.asarray(records, np.int64).reshape(-1, 2), damage
 
 
@@ -172,11 +193,20 @@ class Verifier:
     if len(data) != length or len(footer) != 4:
       raise BadRecordError(f'{where}: the file ends inside the record; it changed since its '
                            'headers were scanned')
-    stored, computed = struct.unpack('<I', footer)[0], _mask(self._crc32c(data))
-    if stored != computed:
-      raise BadRecordError(f'{where}: corrupt record: its bytes do not match their CRC '
-                           f'(masked CRC32C stored {stored:#010x}, computed {computed:#010x})')
+    check_crc(data, footer, where)
     return data
+
+
+def check_crc(data, footer: bytes, where: str) -> None:
+  """Raises a BadRecordError (its message starting with ``where``) unless ``footer``, the 4
+  bytes after a record's data, is the masked CRC32C of ``data`` (any bytes-like object)."""
+  import google_crc32c  # pylint: disable=g-import-not-at-top
+  # As a numpy array: google_crc32c takes that, but no memoryview (a slice of a larger read).
+  computed = _mask(google_crc32c.value(np.frombuffer(data, np.uint8)))
+  stored = struct.unpack('<I', footer)[0]
+  if stored != computed:
+    raise BadRecordError(f'{where}: corrupt record: its bytes do not match their CRC '
+                         f'(masked CRC32C stored {stored:#010x}, computed {computed:#010x})')
 
 
 def tf_message(error: BaseException) -> str:

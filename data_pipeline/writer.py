@@ -9,14 +9,16 @@ why a unit gave no tile). Then:
     processes (``workers``) with a progress bar;
   * shard files are named by TFDS's default template (``<name>-<split>.tfrecord-00000-of-00008``)
     and the shard count must be a multiple of the number of reading hosts;
-  * examples are serialised by ``schema.tfds_features`` (image as raw float16 bytes of dB values
-    clipped to ``schema.CLIP_RANGE_DB``, NaN = no-data);
+  * examples are serialised by ``schema.tfds_features``, the image as raw bytes in the storage
+    form the contract names (``data_pipeline.quantise``: float16 dB clipped to
+    ``schema.CLIP_RANGE_DB`` with NaN = no-data, or uint8 codes with 0 = no-data);
   * a shard is written under a temporary name, renamed when complete, and then gets a small JSON
     sidecar (its length, bytes, per-channel sums, skip counts). A shard with its sidecar is
     done: running the build again skips it, so an interrupted build resumes where it stopped;
   * when every shard is done, the per-channel mean/std of the training split (over valid pixels
-    of the stored float16 values) go into the :class:`schema.InputContract` in the TFDS metadata,
-    and ``dataset_info.json`` is written last: until then no TFDS reader opens the folder;
+    of the stored values as decoded, i.e. what the model sees) go into the
+    :class:`schema.InputContract` in the TFDS metadata, and ``dataset_info.json`` is written
+    last: until then no TFDS reader opens the folder;
   * a channel without a single valid pixel in the whole training split (a season no acquisition
     covers: a single-date or partial-season archive) borrows the statistics of its product's
     seasons that have data (VV from the VV seasons, VH from the VH ones, VV-VH from VV-VH),
@@ -48,6 +50,7 @@ import numpy as np
 
 from data_pipeline import atomic
 from data_pipeline import dataset_info
+from data_pipeline import quantise
 from data_pipeline import replace
 from data_pipeline import schema
 from data_pipeline import worker_pool
@@ -189,14 +192,15 @@ def _product_channels(band_names: Sequence[str]) -> dict[str, list[int]]:
   return groups
 
 
-def quantise_image(image_db: np.ndarray, where: str = 'tile') -> np.ndarray:
-  """Clips dB values to the schema range and casts to the storage dtype (NaN stays NaN)."""
+def quantise_image(image_db: np.ndarray, where: str = 'tile',
+                   form: quantise.StorageForm = quantise.FLOAT16) -> np.ndarray:
+  """A dB image (H, W, C), NaN = no-data, in the storage ``form`` (clipped, then float16, or
+  uint8 codes with 0 = no-data)."""
   if image_db.ndim != 3:
     raise ValueError(f'{where}: image must be (H, W, C), got shape {image_db.shape}')
   if np.isinf(image_db).any():
     raise ValueError(f'{where}: image has infinite values (use NaN for no-data)')
-  low, high = schema.CLIP_RANGE_DB
-  return np.clip(image_db, low, high).astype(schema.STORAGE_DTYPE)
+  return form.encode(image_db)
 
 
 def _file_template(data_dir: str, split: str):
@@ -227,7 +231,9 @@ class _ShardJob:
 def _write_shard(job: _ShardJob, make_examples: ExampleFn) -> dict[str, Any]:
   """Writes one shard (temporary name, then rename) and its sidecar; returns the sidecar."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  features = schema.tfds_features(job.contract.tile_size, job.contract.num_channels)
+  features = schema.tfds_features(job.contract.tile_size, job.contract.num_channels,
+                                  job.contract.storage_dtype)
+  form = quantise.form_of(job.contract)
   expected = (job.contract.tile_size, job.contract.tile_size, job.contract.num_channels)
   stats = ChannelStatistics(job.contract.num_channels)
   region_stats: dict[str, ChannelStatistics] = {}
@@ -246,9 +252,10 @@ def _write_shard(job: _ShardJob, make_examples: ExampleFn) -> dict[str, Any]:
           if np.shape(example[schema.IMAGE]) != expected:
             raise ValueError(f'{where}: image shape {np.shape(example[schema.IMAGE])} '
                              f'!= {expected} (tile size, tile size, bands)')
-          example[schema.IMAGE] = quantise_image(np.asarray(example[schema.IMAGE]), where)
+          example[schema.IMAGE] = quantise_image(np.asarray(example[schema.IMAGE]), where, form)
           tile_stats = ChannelStatistics(job.contract.num_channels)
-          tile_stats.update(example[schema.IMAGE])
+          # Statistics of the values the model will see: the stored ones, decoded.
+          tile_stats.update(form.decode(example[schema.IMAGE]))
           stats.merge(tile_stats)
           region = example[schema.REGION]
           region = schema.REGIONS[region] if isinstance(region, (int, np.integer)) else region
@@ -461,7 +468,8 @@ def _build(output_dir: str, *, units_by_split, make_examples, contract, fingerpr
     metadata['statistics_by_region'] = report['statistics_by_region'] = by_region
   if extra_files:
     extra_files(output_dir)
-  features = schema.tfds_features(contract.tile_size, contract.num_channels)
+  features = schema.tfds_features(contract.tile_size, contract.num_channels,
+                                  contract.storage_dtype)
   tfds.folder_dataset.write_metadata(
       data_dir=output_dir, features=features, split_infos=split_infos,
       filename_template=_file_template(output_dir, 'train'), version=VERSION, check_data=False,

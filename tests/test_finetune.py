@@ -355,8 +355,8 @@ def test_study_grid_selects_lr_on_validation_and_resumes(pretrained, tmp_path):
   markdown = open(paths['markdown']).read()
   assert os.path.exists(paths['plot']) and 'Label savings' in markdown
   # Which code, command and seeds made the table; every cell with its interval.
-  assert '- Commit: `' in markdown and '- Seeds 0, 1;' in markdown and 'all 32.' in markdown
-  assert '| all (32) | 10 |' in markdown and '% interval' in markdown
+  assert '- Commit: `' in markdown and '- Seeds 0, 1;' in markdown and 'all 16.' in markdown
+  assert '| all (16) | 10 |' in markdown and '% interval' in markdown
   # Finished runs are read back, not rerun: the same table, no file rewritten.
   marker = os.path.join(study.run_dir(workdir, 'vcf', 'scratch', 1.0, rows[0]['lr'], 1),
                         'final_metrics.json')

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from configs import downstream as downstream_configs
+from data_pipeline import quantise
 from data_pipeline import schema
 from mae_jax import checkpoint as ckpt_lib
 from mae_jax import preprocess
@@ -60,7 +61,10 @@ MODELS = {
                            {'pos_embedding': 'learned', 'scan_layers': True}),
     'vcf_probe': ('vcf', 'linear_probe', 32, 8, {'pool': 'mean'}, {}),
     'worldcover_probe': ('worldcover', 'linear_probe', 32, 16, {}, {}),
+    # Fine-tuned on uint8 tiles: the graph quantises its input as they were stored.
+    'worldcover_uint8': ('worldcover', 'finetune', 32, 16, {'channels': 8}, {}),
 }
+UINT8_MODELS = ('worldcover_uint8',)
 MEAN = (5.5,) * 4 + (-12.0,) * 4 + (-18.5,) * 4
 STD = (2.5,) * 4 + (3.5,) * 4 + (4.0,) * 4
 
@@ -118,6 +122,8 @@ def models(tmp_path_factory):
   for seed, (name, (task, kind, size, patch, options, overrides)) in enumerate(MODELS.items()):
     folder = tmp_path_factory.mktemp(name)
     contract = schema.InputContract(tile_size=size, mean=MEAN, std=STD)
+    if name in UINT8_MODELS:
+      contract = contract.with_storage('uint8')
     with pytest.MonkeyPatch.context() as patch_init:
       # Gain 2 keeps the SETR-PUP maps varied through four ReLU stages; 1 keeps the VCF head's
       # sigmoid out of saturation.
@@ -153,11 +159,15 @@ def run_onnx(folder, tiles):
 _APPLY = {}
 
 
-def jax_output(loaded, tiles):
-  """mae_jax's output for raw dB tiles: clipped as tiles are made, normalised, applied in
-  float32 (the graph's precision, whatever dtype a run trains in)."""
+def jax_output(loaded, tiles, quantised=True):
+  """mae_jax's output for raw dB tiles: clipped as tiles are made (and for a uint8 model
+  through its codes, unless not ``quantised``), normalised, applied in float32 (the graph's
+  precision, whatever dtype a run trains in)."""
   contract = loaded.contract
   clipped = np.clip(tiles, *contract.clip_range)
+  form = quantise.form_of(contract)
+  if form.is_codes and quantised:
+    clipped = form.round_trip(clipped)
   normalised, valid = preprocess.normalise(clipped, np.asarray(contract.mean),
                                            np.asarray(contract.std))
   if loaded.model not in _APPLY:
@@ -253,6 +263,21 @@ def test_onnx_matches_jax_on_real_tiles(models, name, batch):
   finite = tiles[np.isfinite(tiles)]
   assert -40 < finite.min() and finite.max() < 30 and np.isnan(tiles).any()
   check_parity(loaded, folder, tiles)
+
+
+def test_a_uint8_model_rounds_its_input_to_the_codes_of_its_tiles(models):
+  loaded, folder = models['worldcover_uint8']
+  assert loaded.contract.storage_dtype == 'uint8'
+  tiles = synthetic_tiles(2, loaded.model.image_size, seed=11)
+  tiles[0, :8, :8, schema.band_index('vv', 'summer')] = 22.0  # Above VV's code range (15 dB).
+  ours = run_onnx(folder, tiles)['class_logits']
+  truth, _ = jax_output(loaded, tiles)
+  np.testing.assert_allclose(ours, truth, rtol=0, atol=TOLERANCE)
+  # Not vacuous: without the uint8 round trip mae_jax gives other logits.
+  unquantised, _ = jax_output(loaded, tiles, quantised=False)
+  assert np.abs(unquantised - truth).max() > 10 * TOLERANCE
+  description = onnx_export.input_spec(32, loaded.contract).description
+  assert 'uint8 code range' in description and '(-45, 5)' in description
 
 
 def test_no_data_gives_no_prediction(models):

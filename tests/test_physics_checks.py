@@ -24,6 +24,7 @@ import rasterio.warp
 from rasterio.transform import from_origin
 
 from configs import downstream as downstream_configs
+from data_pipeline import quantise
 from data_pipeline import schema
 from mae_jax.tools import inference
 from mae_jax.tools import predict
@@ -75,7 +76,7 @@ def geographic_scene(path, shape=(60, 80)):
 
 def read_all(scene):
   """The whole scene through SceneReader, (H, W, 12) float32 dB (NaN = no-data)."""
-  reader = scene_reader.SceneReader(scene, schema.CLIP_RANGE_DB)
+  reader = scene_reader.SceneReader(scene, quantise.FLOAT16)
   try:
     return reader.read(0, 0, max(scene.height, scene.width))[:scene.height, :scene.width].astype(
         np.float32)

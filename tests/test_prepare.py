@@ -23,6 +23,7 @@ import rasterio.warp
 from affine import Affine
 
 import configs.data.geotiff as geotiff_config
+from data_pipeline import quantise
 from data_pipeline import schema
 from data_pipeline import writer
 from data_pipeline.ingest import build
@@ -210,7 +211,7 @@ def test_predicts_scene_reader_reads_the_stack_as_a_12_band_scene(tmp_path):
   assert scene.files_grid is None  # On the model's grid: read as stored, not resampled.
   assert scene.units == 'dB' and (scene.width, scene.height) == (120, 360)
   assert scene.crs.to_epsg() == 32633 and scene.transform.a == 10.0
-  reader = scene_reader.SceneReader(scene, schema.CLIP_RANGE_DB)
+  reader = scene_reader.SceneReader(scene, quantise.FLOAT16)
   try:
     window = reader.read(100, 20, 64)
   finally:

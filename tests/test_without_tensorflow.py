@@ -147,7 +147,7 @@ assert 'tensorflow' not in sys.modules
   out = run(hidden_env, '-c', script).stdout
   assert (f'BAD {path}: record 5 (split record 13, byte {offset - 12}): corrupt record: its '
           'bytes do not match their CRC (masked CRC32C stored') in out
-  assert "URL gs://bucket/dataset: a dataset at a URL is read with tf.data, which needs " \
+  assert "URL gs://bucket/dataset: a dataset at a URL is read through tf.io.gfile, which needs " \
          "TensorFlow: pip install 'mae_jax[data]'" in out
 
 

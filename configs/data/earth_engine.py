@@ -49,4 +49,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.host_count = 1
   c.workers = 1
   c.statistics_by_region = False
+  # How images are stored: 'float16' dB or 'uint8' codes (half the bytes; data_pipeline.quantise).
+  c.storage = 'float16'
   return c

@@ -24,4 +24,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.vcf_band = 'Percent_Tree_Cover'
   c.vcf_min_valid_fraction = 0.5
   c.statistics_by_region = False  # Also record per-region training statistics.
+  # How images are stored: 'float16' dB or 'uint8' codes (half the bytes; data_pipeline.quantise).
+  c.storage = 'float16'
   return c

@@ -2,7 +2,8 @@ r"""Builds a pre-sharded TFDS dataset of 12-channel tiles from real Sentinel-1 d
 
   python -m data_pipeline.ingest.build --config configs/data/<source>.py --output DIR [--config.x=y]
 
-``config.source`` picks the input (``data_pipeline/ingest/sources/``):
+``config.source`` picks the input (``data_pipeline/ingest/sources/``); ``config.storage`` how the
+images are stored (``'float16'`` dB, the default, or ``'uint8'`` codes: ``data_pipeline.quantise``):
 
 * ``m3leo`` (``configs/data/m3leo.py``): the poster authors' released chips;
 * ``geotiff`` (``configs/data/geotiff.py``): GeoTIFFs per acquisition, or ready composites;
@@ -62,8 +63,10 @@ def build(config, output: str, overwrite: bool = False, progress: bool = False):
   lat = [v for split in schema.SPLITS for v in build_plan.centres.get(split, ([], []))[1]]
   names = [split for split in schema.SPLITS for _ in build_plan.centres.get(split, ([], []))[0]]
   title = f'{os.path.basename(os.path.abspath(output))}: tiles by split'
+  # The source says what the pixels are; the config how they are stored.
+  contract = build_plan.contract.with_storage(config.get('storage', schema.STORAGE_DTYPE))
   contract, report = writer.build_dataset(
-      output, build_plan.units, build_plan.make_examples, build_plan.contract,
+      output, build_plan.units, build_plan.make_examples, contract,
       num_shards=config.num_shards, host_count=config.host_count, workers=config.workers,
       overwrite=overwrite, progress=progress, description=build_plan.description,
       statistics_by_region=config.get('statistics_by_region', False),

@@ -21,6 +21,7 @@ import numpy as np
 
 from data_pipeline import atomic
 from data_pipeline import input as data_input
+from data_pipeline import quantise
 from data_pipeline import render
 from data_pipeline import schema
 
@@ -36,11 +37,13 @@ def split_counts(builder, split: str) -> dict[str, collections.Counter]:
   return {'regions': regions, 'vcf': np.asarray(vcf)}
 
 
-def sample_tiles(builder, split: str, count: int) -> dict[str, np.ndarray]:
+def sample_tiles(builder, split: str, count: int,
+                 storage: quantise.StorageForm = quantise.FLOAT16) -> dict[str, np.ndarray]:
+  """The first ``count`` tiles of ``split``: images decoded from ``storage`` to float32 dB."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   images, labels = [], []
   for example in tfds.as_numpy(builder.as_dataset(split=split).take(count)):
-    images.append(example[schema.IMAGE])
+    images.append(storage.decode(example[schema.IMAGE]))
     labels.append(example[schema.WORLDCOVER])
   return {'image': np.stack(images), 'worldcover': np.stack(labels)}
 
@@ -86,7 +89,8 @@ def inspect(data_dir: str, sample: int, num_tiles: int, output: str) -> str:
   report = [f'{data_dir}: {builder.info.description}',
             f'tiles {contract.tile_size} px, bands {", ".join(contract.band_names)}',
             f'units {contract.units}, clip {contract.clip_range}, stored as '
-            f'{contract.storage_dtype} ({contract.quantisation}), composite: {contract.composite}']
+            f'{contract.storage_summary()} ({contract.quantisation}), composite: '
+            f'{contract.composite}']
   for split in builder.info.splits:
     counts = split_counts(builder, split)
     total = sum(counts['regions'].values())
@@ -97,7 +101,7 @@ def inspect(data_dir: str, sample: int, num_tiles: int, output: str) -> str:
     if finite.size:
       report.append(f'  VCF tree cover: mean {finite.mean():.1f} %, median {np.median(finite):.1f} %, '
                     f'range {finite.min():.1f}..{finite.max():.1f} %, missing {vcf.size - finite.size}')
-    tiles = sample_tiles(builder, split, min(sample, total))
+    tiles = sample_tiles(builder, split, min(sample, total), quantise.form_of(contract))
     report.append(f'  backscatter (dB) over {len(tiles["image"])} tiles:')
     report.append(channel_table(tiles['image'], contract.band_names))
     report.append('  WorldCover classes:')

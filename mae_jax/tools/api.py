@@ -20,10 +20,11 @@ Inputs: arrays with the bands last, in ``Model.band_names`` order (``schema.BAND
 in dB (``units='linear'`` converts linear power; values that clearly contradict the stated units
 are refused), floating point with NaN for no-data. No-data also follows the GeoTIFF ingestion's
 rules (``scene_reader.band_to_db``: infinities, and in VV and VH exact 0 and values below the
-noise floor), and every value is clipped and quantised as the dataset tiles were (float16), so
-an array and the same pixels in a GeoTIFF give the same result. ``predict`` also takes a GeoTIFF
-path or a list of them, read exactly as the command line reads them (``scene_reader``: band
-names, units, no-data, resampling onto the model's grid).
+noise floor), and every value is clipped and quantised as the model's dataset tiles were (its
+contract's storage form, ``data_pipeline.quantise``: float16 dB, or uint8 codes that the model
+decodes on the device), so an array and the same pixels in a GeoTIFF give the same result.
+``predict`` also takes a GeoTIFF path or a list of them, read exactly as the command line reads
+them (``scene_reader``: band names, units, no-data, resampling onto the model's grid).
 
 ``predict`` runs the command line's own window grid, taper blending and batching
 (``predict.predict_windows``; windows of the model's tile size, ``overlap`` px shared), with the
@@ -36,9 +37,10 @@ before uint8 quantisation, ``--confidence``). The result (:class:`Prediction`) h
   * VCF: ``tree_cover`` (..., H, W) float32 percent. The VCF head predicts one value per window;
     the per-pixel map blends overlapping windows. For inputs of exactly the tile size (one
     window each) ``tile_tree_cover`` (N,) is that value per tile.
-Float outputs are NaN where no input band is valid. Memory holds the input, its float16 copy
-and the results (about 100 bytes per pixel for WorldCover with the sums they come from); scenes
-larger than memory belong to the command line, whose memory does not grow with the scene.
+Float outputs are NaN where no input band is valid. Memory holds the input, its stored copy
+(float16 or uint8) and the results (about 100 bytes per pixel for WorldCover with the sums they
+come from); scenes larger than memory belong to the command line, whose memory does not grow
+with the scene.
 
 ``embed`` pools the encoder's tokens as ``mae_jax.tools.embed`` does (``embed_step``, pool
 ``'cls'`` or ``'mean'``; a tile without a valid pixel gets a NaN row), in float32 at full matmul
@@ -57,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline import quantise
 from data_pipeline import schema
 
 POOLS = ('cls', 'mean')  # As mae_jax.tools.embed.POOLS (not imported here: it imports JAX).
@@ -172,8 +175,8 @@ class Model:
     return (array[None] if single else array), single
 
   def _prepare(self, images: np.ndarray, units: str) -> np.ndarray:
-    """Checked images -> model input as a dataset tile is stored: dB, no-data NaN, clipped,
-    the contract's storage dtype (float16)."""
+    """Checked images -> model input as a dataset tile is stored: dB with no-data NaN, then
+    encoded in the contract's storage form (clipped float16, or uint8 codes)."""
     from mae_jax.tools import scene_reader  # pylint: disable=g-import-not-at-top
     if units not in UNITS:
       raise ValueError(f'units must be one of {UNITS}, got {units!r}')
@@ -185,11 +188,12 @@ class Model:
     sample = scene_reader.band_to_db(sample, True, 'dB')
     units, _ = scene_reader.decide_units(sample, units, 'the array', option='units',
                                          state=lambda value: f'units={value!r}', default='dB')
-    out = np.empty(images.shape, self.contract.storage_dtype)
-    low, high = self.contract.clip_range
+    storage = quantise.form_of(self.contract)
+    out = np.empty(images.shape, storage.np_dtype)
     for c, is_vv_or_vh in enumerate(backscatter):
       band = scene_reader.band_to_db(images[..., c], is_vv_or_vh, units)
-      out[..., c] = np.clip(band, low, high)  # As scene_reader.SceneReader.read.
+      # As scene_reader.SceneReader.read, one channel at a time to bound the float copies.
+      out[..., c] = storage.channel(c).encode(band[..., None])[..., 0]
     return out
 
   # --- predict ---------------------------------------------------------------------------------
@@ -242,8 +246,9 @@ class Model:
     count, height, width = images.shape[:3]
     sums = np.zeros((count, height, width, channels), np.float32)
     total = count * _num_windows(height, width, size, overlap)
-    skipped = predict_lib.predict_windows(loaded, _array_items(images, sums, size, overlap),
-                                          total, size, overlap, batch_size, progress)
+    skipped = predict_lib.predict_windows(
+        loaded, _array_items(images, sums, size, overlap, quantise.form_of(self.contract)),
+        total, size, overlap, batch_size, progress)
     return self._result(sums[0] if single else sums, single=single, windows=total - skipped,
                         skipped=skipped)
 
@@ -310,7 +315,7 @@ class Model:
         jax.default_matmul_precision('highest'):
       for start in range(0, len(images), batch):
         chunk = images[start:start + batch]
-        padding = np.full((batch - len(chunk),) + chunk.shape[1:], np.nan, chunk.dtype)
+        padding = quantise.form_of(self.contract).nodata((batch - len(chunk),) + chunk.shape[1:])
         embedding, _ = fn(params, jax.device_put(np.concatenate([chunk, padding]),
                                                  batch_sharding))
         out.append(np.asarray(jax.device_get(embedding), np.float32)[:len(chunk)])
@@ -324,7 +329,8 @@ class Model:
       mean = np.asarray(self.contract.mean, np.float32)
       std = np.asarray(self.contract.std, np.float32)
       self._embed_fns[pool] = jax.jit(
-          functools.partial(embed_lib.embed_step, model=encoder, mean=mean, std=std, pool=pool),
+          functools.partial(embed_lib.embed_step, model=encoder, mean=mean, std=std, pool=pool,
+                            storage=quantise.form_of(self.contract)),
           out_shardings=batch_sharding)
     return self._embed_fns[pool]
 
@@ -360,9 +366,11 @@ def _sums(array: np.ndarray):
   return map_writer.ArraySums(array)
 
 
-def _array_items(images: np.ndarray, sums: np.ndarray, size: int, overlap: int):
-  """``predict.predict_windows``'s items for prepared images (N, H, W, C): every window of each
-  image's grid, padded with no-data past its edge as the scene reader pads a window."""
+def _array_items(images: np.ndarray, sums: np.ndarray, size: int, overlap: int,
+                 storage: quantise.StorageForm):
+  """``predict.predict_windows``'s items for prepared images (N, H, W, C) in ``storage``: every
+  window of each image's grid, padded with no-data past its edge as the scene reader pads a
+  window."""
   from mae_jax.tools import scene_windows  # pylint: disable=g-import-not-at-top
   count, height, width, channels = images.shape
   grid = list(scene_windows.grid(height, width, size, overlap))
@@ -370,7 +378,7 @@ def _array_items(images: np.ndarray, sums: np.ndarray, size: int, overlap: int):
     target = _sums(sums[i])
     for window in grid:
       rows, cols = min(size, height - window.row), min(size, width - window.col)
-      image = np.full((size, size, channels), np.nan, images.dtype)
+      image = storage.nodata((size, size, channels))
       image[:rows, :cols] = images[i, window.row:window.row + rows, window.col:window.col + cols]
       yield window, image, target
 

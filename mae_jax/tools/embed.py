@@ -9,8 +9,10 @@ or one ``checkpoints/<step>`` folder. Only the encoder params (``mae.ENCODER_PAR
 from a fine-tuning checkpoint, with ``--use_best``, the copy its run selected (lowest validation
 loss) when the run selected one. The encoder is rebuilt from the checkpoint's metadata and runs in
 float32 (whatever dtype it trained in) at full matmul precision, so embeddings are reproducible.
-Tiles are normalised with the checkpoint's input-contract statistics; a dataset made otherwise
-(other bands, units, clipping, ...) is an error naming the differences.
+Tiles are decoded as their dataset stores them (float16 dB or uint8 codes, on the device) and
+normalised with the checkpoint's input-contract statistics; a dataset made otherwise (other
+bands, units, clipping, ...) is an error naming the differences, one only stored otherwise is
+accepted (``schema.InputContract.differences``).
 
 Pooling, over the encoder's tokens after its final LayerNorm (every patch visible, no masking):
 
@@ -74,6 +76,7 @@ import numpy as np
 from etils import epath
 
 from data_pipeline import input as data_input
+from data_pipeline import quantise
 from data_pipeline import schema
 from mae_jax import checkpoint as ckpt_lib
 from mae_jax import preprocess
@@ -164,8 +167,10 @@ def pool_tokens(tokens: jax.Array, patch_valid: jax.Array, pool: str) -> jax.Arr
   return jnp.where(patch_valid.any(axis=1, keepdims=True), pooled, jnp.nan)
 
 
-def embed_step(params, images, *, model, mean, std, pool):
-  """Raw float16 dB tiles (B, H, W, C) -> (embeddings (B, D) float32, valid_fraction (B,))."""
+def embed_step(params, images, *, model, mean, std, pool, storage=quantise.FLOAT16):
+  """Stored tiles (B, H, W, C) in ``storage`` -> (embeddings (B, D) float32, valid_fraction
+  (B,))."""
+  images = preprocess.decode(images, storage)  # float32 dB, NaN = no-data.
   normalised, _ = preprocess.normalise(images, mean, std)
   tokens = model.apply({'params': params}, normalised)
   valid_fraction, patch_valid = patch_validity(images, model.patch_size)
@@ -364,6 +369,7 @@ def embed_split(checkpoint: str, data_dir: str, split: str = 'test', *,
   model = encoder_from_metadata(metadata)
   validate.check_data(model, data_dir, dataset.num_channels, dataset.tile_size)
   mean, std = np.asarray(contract.mean, np.float32), np.asarray(contract.std, np.float32)
+  storage = quantise.form_of(dataset.contract)  # The data's own form decodes them.
 
   mesh = sharding.create_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0)))
   rules = sharding.rules_from_config(metadata.get('config', {}).get('logical_rules', ()))
@@ -374,11 +380,12 @@ def embed_split(checkpoint: str, data_dir: str, split: str = 'test', *,
   # Full-precision float32 matmuls: accelerators would otherwise use TF32 / bfloat16 passes.
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules), jax.default_matmul_precision('highest'):
     params = restore_encoder_params(directory, step, model, source, mesh, rules)
-    step_fn = jax.jit(functools.partial(embed_step, model=model, mean=mean, std=std, pool=pool),
+    step_fn = jax.jit(functools.partial(embed_step, model=model, mean=mean, std=std, pool=pool,
+                                        storage=storage),
                       out_shardings=batch_sharding)
     image_shape = jax.ShapeDtypeStruct(
         (batch, dataset.tile_size, dataset.tile_size, dataset.num_channels),
-        np.dtype(schema.STORAGE_DTYPE), sharding=batch_sharding)
+        storage.np_dtype, sharding=batch_sharding)
     compiled = step_fn.lower(params, image_shape).compile()
     columns, seconds = _run(compiled, params, dataset, batch, batch_sharding, progress)
   columns['split'] = np.full(len(columns['tile_id']), split)

@@ -6,7 +6,9 @@ module kind, so it runs anywhere onnxruntime (or another ONNX runtime) does, wit
 * input ``backscatter_db`` (N, S, S, C) float32: raw dB tiles in the input contract's band order,
   NaN (or +-inf) for no-data; N is dynamic;
 * preprocessing inside the graph, as every tile the model saw was made: values clipped to the
-  contract's ``clip_range`` (``data_pipeline.writer.quantise_image``, ``scene_reader``), then
+  contract's ``clip_range`` (``data_pipeline.writer.quantise_image``, ``scene_reader``) and, for
+  a model of uint8 data, to each band's code range and rounded to its code step
+  (``data_pipeline.quantise``: the values its tiles decoded to), then
   ``mae_jax.preprocess.normalise``: ``(x - mean) / std`` per band, non-finite values -> 0;
 * encoder: patchify, patch embedding, position embeddings and the cls token, every patch kept
   (fine-tuning never masks), pre-LN blocks (q, k and v as one matmul, exact erf GELU; drop path is
@@ -39,6 +41,7 @@ from onnx import helper
 from onnx import numpy_helper
 from onnx import TensorProto
 
+from data_pipeline import quantise
 from data_pipeline import schema
 from mae_jax.models import heads
 
@@ -68,15 +71,24 @@ class TensorSpec:
   classes: str = ''
 
 
-def input_spec(size: int, contract: schema.InputContract) -> TensorSpec:
+def quantisation_note(contract: schema.InputContract) -> str:
+  """What the graph does to values before normalising them, in words."""
   low, high = contract.clip_range
+  note = f'clipped to [{low:g}, {high:g}] {contract.units}'
+  if contract.storage_dtype == schema.UINT8:
+    note += (', then to each band\'s uint8 code range and rounded to its step, as the training '
+             f'tiles were stored ({contract.storage_summary()}, 254 steps)')
+  return note
+
+
+def input_spec(size: int, contract: schema.InputContract) -> TensorSpec:
   return TensorSpec(
       INPUT_NAME, (-1, size, size, contract.num_channels), ('batch', 'height', 'width', 'channel'),
       'float32',
       f'Sentinel-1 backscatter tiles in {contract.units}, bands in the order '
       f'{", ".join(contract.band_names)}; NaN marks no-data. Normalised inside the graph: '
-      f'clipped to [{low:g}, {high:g}] {contract.units}, (x - mean) / std per band (the band '
-      'statistics), no-data -> 0.')
+      f'{quantisation_note(contract)}, (x - mean) / std per band (the band statistics), '
+      'no-data -> 0.')
 
 
 def output_specs(task: str, size: int) -> tuple[TensorSpec, ...]:
@@ -161,6 +173,22 @@ def _preprocess(g: _Graph, images: str, contract: schema.InputContract) -> tuple
   valid = g.op('Not', [invalid], 'valid')
   low, high = contract.clip_range
   clipped = g.op('Clip', [images, g.const('clip_low', low), g.const('clip_high', high)], 'clipped')
+  form = quantise.form_of(contract)
+  if form.is_codes:
+    # quantise.StorageForm.encode then decode, per band, with the same arithmetic: the code in
+    # float64 (clip to the code range, round half to even as numpy's rint; float32 would round
+    # values within its error of a half step the other way), the dB back in float32. No-data
+    # is masked by `valid`.
+    low64 = g.const('code_low_f64', form.low, np.float64)
+    step64 = g.const('code_step_f64', form.step, np.float64)
+    wide = g.op('Cast', [clipped], 'clipped_f64', to=TensorProto.DOUBLE)
+    in_range = g.op('Min', [g.op('Max', [wide, low64], 'above_code_min'),
+                            g.const('code_high_f64', form.high, np.float64)], 'in_code_range')
+    steps = g.op('Round', [g.op('Div', [g.op('Sub', [in_range, low64], 'code_offset'), step64],
+                                'code_steps')], 'codes_minus_one')
+    steps = g.op('Cast', [steps], 'codes_minus_one_f32', to=TensorProto.FLOAT)
+    clipped = g.op('Add', [g.op('Mul', [steps, g.const('code_step', form.step)], 'code_db'),
+                           g.const('code_low', form.low)], 'decoded')
   z = g.op('Div', [g.op('Sub', [clipped, g.const('band_mean', contract.mean)], 'centred'),
                    g.const('band_std', contract.std)], 'z_score')
   normalised = g.op('Where', [valid, z, g.const('zero', 0.0)], 'normalised')

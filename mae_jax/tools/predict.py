@@ -44,6 +44,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from data_pipeline import quantise
 from data_pipeline import schema
 from mae_jax.tools import map_writer
 from mae_jax.tools import scene_reader
@@ -58,24 +59,32 @@ WINDOWS_PER_DEVICE = 8
 _PREDICT_FNS: dict[Any, Callable] = {}
 
 
+def window_form(loaded) -> quantise.StorageForm:
+  """How windows are handed to the model: the storage form of its contract, i.e. of the data it
+  was fine-tuned on, so a window is quantised exactly as its training tiles were."""
+  return quantise.form_of(loaded.contract)
+
+
 def predict_fn(loaded) -> Callable:
-  """Jitted (variables, float16 windows (B, S, S, C), tapers (B, S, S)) -> (B, S, S, k + 1):
+  """Jitted (variables, stored windows (B, S, S, C), tapers (B, S, S)) -> (B, S, S, k + 1):
   the window's output times its weight, then the weight, where the weight is the taper at
   pixels with a valid band and 0 elsewhere. The output is the per-window percent tree cover
-  (k = 1) or the softmax probabilities (k = classes). One per model, so repeated scenes reuse
-  the compiled program."""
+  (k = 1) or the softmax probabilities (k = classes). Windows come in the storage form of the
+  model's contract (:func:`window_form`) and are decoded on the device. One per model, so
+  repeated scenes reuse the compiled program."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from mae_jax import preprocess  # pylint: disable=g-import-not-at-top
   mean = tuple(loaded.contract.mean)
   std = tuple(loaded.contract.std)
-  key = (loaded.model, loaded.task, mean, std)
+  storage = window_form(loaded)
+  key = (loaded.model, loaded.task, mean, std, storage)
   if key not in _PREDICT_FNS:
     model, task = loaded.model, loaded.task
     mean_array, std_array = np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
     def predict(variables, images, tapers):
-      normalised, valid = preprocess.normalise(images, mean_array, std_array)
+      normalised, valid = preprocess.normalise(images, mean_array, std_array, storage)
       out = model.apply(variables, normalised)
       # A pixel without any valid band keeps weight 0 in every window: no-data in the map.
       weight = tapers * valid.any(axis=-1)
@@ -138,8 +147,9 @@ def predict_windows(loaded, items: Iterable[tuple[scene_windows.Window, np.ndarr
     loaded: An ``inference.Downstream``.
     items: (window, image, sums) in grid order for each image: the window of
       ``scene_windows.grid(sums.height, sums.width, size, overlap)``, its (size, size, C) input
-      quantised as a dataset tile (clipped, float16, NaN = no-data; past the image's edge
-      no-data) and the :class:`Sums` of the image it belongs to. Windows of several images may
+      stored as a dataset tile of the model's (:func:`window_form`: clipped float16 with NaN =
+      no-data, or uint8 codes with 0 = no-data; past the image's edge no-data) and the
+      :class:`Sums` of the image it belongs to. Windows of several images may
       follow one another (batches then mix images). Closed at the end when it has ``close``.
     total: The number of items (for the progress bar).
     size, overlap, batch_size: From :func:`check_settings`.
@@ -158,6 +168,7 @@ def predict_windows(loaded, items: Iterable[tuple[scene_windows.Window, np.ndarr
   mesh = loaded.mesh
   batch_sharding = sharding.batch_sharding(mesh)
   fn = predict_fn(loaded)
+  storage = window_form(loaded)
   tapers: dict[tuple[Any, ...], np.ndarray] = {}
   skipped = 0
 
@@ -172,7 +183,7 @@ def predict_windows(loaded, items: Iterable[tuple[scene_windows.Window, np.ndarr
   def dispatch(batch):
     padding = batch_size - len(batch)  # The last batch: no-data windows of weight 0.
     images = np.stack([image for _, image, _ in batch]
-                      + [np.full_like(batch[0][1], np.nan)] * padding)
+                      + [storage.nodata(batch[0][1].shape)] * padding)
     weights = np.stack([taper(w, sums) for w, _, sums in batch]
                        + [np.zeros((size, size), np.float32)] * padding)
     with jax.set_mesh(mesh), nn.logical_axis_rules(loaded.rules):
@@ -197,7 +208,7 @@ def predict_windows(loaded, items: Iterable[tuple[scene_windows.Window, np.ndarr
       batch = []
       for window, image, sums in itertools.chain(items, [(None, None, None)]):
         if window is not None:
-          if not np.isfinite(image).any():
+          if not storage.valid(image).any():
             skipped += 1
             bar.update(1)
             continue
@@ -223,7 +234,7 @@ def scene_items(scene: Scene, size: int, overlap: int, sums: Sums, contract: sch
   (``scene_reader.read_windows``); closing this generator stops the readers."""
   reads = scene_reader.read_windows(scene, scene_windows.grid(scene.height, scene.width, size,
                                                               overlap),
-                                    size, contract.clip_range, contract.storage_dtype)
+                                    size, quantise.form_of(contract))
   with contextlib.closing(reads):
     for window, image in reads:
       yield window, image, sums

@@ -8,8 +8,9 @@ order by name instead. Values are sigma0 in dB (linear power is detected from th
 bands, or stated with ``--units``, and converted; VV-VH then is the ratio); stated units that
 the values clearly contradict are refused. No-data as the GeoTIFF ingestion has it: the files'
 nodata values and masks, NaN and infinities, and in VV and VH exact 0 and values below the
-noise floor. Each window is then clipped and quantised as the dataset tiles were
-(``InputContract.clip_range``, float16), so a window seen here equals the same pixels seen as a
+noise floor. Each window is then clipped and quantised as the dataset tiles were, into the
+storage form of the model's contract (``data_pipeline.quantise``: float16 dB, or uint8 codes
+that the model decodes on the device), so a window seen here equals the same pixels seen as a
 dataset tile.
 
 A scene whose pixel size or CRS is not the model's (``InputContract.pixel_size_m`` in a
@@ -42,6 +43,7 @@ import rasterio.errors
 import rasterio.windows
 
 from data_pipeline.ingest import composite
+from data_pipeline import quantise
 from data_pipeline import schema
 from mae_jax.tools import scene_grid
 from mae_jax.tools import scene_windows
@@ -354,11 +356,9 @@ class SceneReader:
   """Reads windows of a :class:`Scene` as model input; one per thread (file handles are not
   thread-safe)."""
 
-  def __init__(self, scene: Scene, clip_range: tuple[float, float],
-               storage_dtype: str = schema.STORAGE_DTYPE):
+  def __init__(self, scene: Scene, storage: quantise.StorageForm = quantise.FLOAT16):
     self.scene = scene
-    self.clip_range = clip_range
-    self.storage_dtype = storage_dtype
+    self.storage = storage
     self._datasets = []
     try:
       for path in scene.paths:
@@ -374,8 +374,9 @@ class SceneReader:
                          [is_backscatter(scene.band_names[c]) for c in channels]))
 
   def read(self, row: int, col: int, size: int) -> np.ndarray:
-    """The (size, size, channels) window at (row, col), quantised like the dataset tiles
-    (clipped, float16, NaN = no-data); outside the scene is no-data."""
+    """The (size, size, channels) window at (row, col), stored like the dataset tiles
+    (``self.storage``: clipped float16 with NaN = no-data, or uint8 codes with 0 = no-data);
+    outside the scene is no-data."""
     scene = self.scene
     out = np.full((len(scene.sources), size, size), np.nan, np.float32)
     window = rasterio.windows.Window(col, row, size, size)
@@ -393,9 +394,8 @@ class SceneReader:
       for f, (bands, channels, backscatter) in enumerate(self._plan):
         out[channels, r0:r1, c0:c1] = read(self._datasets[f], bands, scene.nodata[f],
                                            backscatter, scene.units, window=inside)
-    low, high = self.clip_range
-    # As data_pipeline.writer.quantise_image: clip, then the storage dtype.
-    return np.clip(out.transpose(1, 2, 0), low, high).astype(self.storage_dtype)
+    # As data_pipeline.writer.quantise_image: the one encoder of the storage form.
+    return self.storage.encode(out.transpose(1, 2, 0))
 
   def close(self) -> None:
     for dataset in self._datasets:
@@ -404,7 +404,8 @@ class SceneReader:
 
 
 def read_windows(scene: Scene, windows: Iterable[scene_windows.Window], size: int,
-                  clip_range, storage_dtype) -> Iterator[tuple[scene_windows.Window, np.ndarray]]:
+                 storage: quantise.StorageForm
+                 ) -> Iterator[tuple[scene_windows.Window, np.ndarray]]:
   """(window, image) in grid order, read ahead by READ_WORKERS threads (a bounded look-ahead,
   so memory stays a few chunks whatever the scene)."""
   local = threading.local()
@@ -413,7 +414,7 @@ def read_windows(scene: Scene, windows: Iterable[scene_windows.Window], size: in
   def read_chunk(chunk):
     reader = getattr(local, 'reader', None)
     if reader is None:
-      reader = local.reader = SceneReader(scene, clip_range, storage_dtype)
+      reader = local.reader = SceneReader(scene, storage)
       with lock:
         readers.append(reader)
     return [(w, reader.read(w.row, w.col, size)) for w in chunk]

@@ -165,13 +165,17 @@ def build_item(*, folder: str, model_file: str, input_spec, output_specs: Sequen
   created = created or datetime.datetime.now(datetime.timezone.utc)
   source = provenance.get('init_checkpoint') or None
   low, high = contract.clip_range
+  # A model of uint8 data sees its inputs as its tiles decoded: the graph quantises them too.
+  codes = (' (then to the uint8 code range of each band, rounded to its step)'
+           if contract.storage_dtype == schema.UINT8 else '')
   properties = {
       'description': (
           f'mae_jax {head_kind} model for {task} on Sentinel-1 {contract.tile_size} px tiles '
           f'({contract.pixel_size_m:g} m pixels), exported to ONNX from {provenance["checkpoint"]} '
           f'({provenance["weights"]} weights). Input: {contract.num_channels} bands in '
           f'{contract.units}, NaN = no-data; the graph clips to [{low:g}, {high:g}] '
-          f'{contract.units}, z-scores each band with the band statistics and sets no-data to 0.'),
+          f'{contract.units}{codes}, z-scores each band with the band statistics and sets '
+          'no-data to 0.'),
       'created': pystac.utils.datetime_to_str(created),
       'mlm:name': f'mae_jax-{task}-{head_kind}',
       'mlm:architecture': ARCHITECTURES[(head_kind, task)],

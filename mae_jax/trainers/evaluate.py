@@ -33,6 +33,7 @@ from matplotlib.backends import backend_agg
 
 from data_pipeline import device_batches
 from data_pipeline import input as data_input
+from data_pipeline import quantise
 from data_pipeline import render
 from data_pipeline import schema
 from mae_jax import metrics as metrics_lib
@@ -66,9 +67,10 @@ def task_loss(task: str, output: jax.Array, labels: jax.Array,
   return (ce * labelled).sum(), labelled.sum()
 
 
-def eval_step(variables, batch, *, model, mean, std, task):
-  """Per-region sufficient statistics of one global batch, stacked over ``REGION_NAMES``."""
-  images, _ = preprocess.normalise(batch[schema.IMAGE], mean, std)
+def eval_step(variables, batch, *, model, mean, std, task, storage=quantise.FLOAT16):
+  """Per-region sufficient statistics of one global batch, stacked over ``REGION_NAMES``.
+  ``storage``: the form the batch's images are stored in (the data's)."""
+  images, _ = preprocess.normalise(batch[schema.IMAGE], mean, std, storage)
   output = model.apply(variables, images)
   labels = batch[label_feature(task)]
   real = batch[data_input.EXAMPLE_MASK]
@@ -89,8 +91,9 @@ def eval_step(variables, batch, *, model, mean, std, task):
   return jax.vmap(stats)(weights)
 
 
-def make_eval_fn(model, mean, std, task: str):
-  return jax.jit(functools.partial(eval_step, model=model, mean=mean, std=std, task=task))
+def make_eval_fn(model, mean, std, task: str, storage=quantise.FLOAT16):
+  return jax.jit(functools.partial(eval_step, model=model, mean=mean, std=std, task=task,
+                                   storage=storage))
 
 
 def accumulate(eval_fn, variables, batches: Iterable[dict[str, np.ndarray]], sharding,
@@ -112,11 +115,11 @@ def accumulate(eval_fn, variables, batches: Iterable[dict[str, np.ndarray]], sha
   return totals, kept
 
 
-def tile_stats_step(variables, batch, *, model, mean, std, task):
+def tile_stats_step(variables, batch, *, model, mean, std, task, storage=quantise.FLOAT16):
   """Per-example statistics of one global batch: a test tile is the unit the study's bootstrap
   resamples (``mae_jax.trainers.study_stats``). VCF: squared error in percentage points squared
   (NaN without a target); WorldCover: the tile's (C, C) confusion matrix."""
-  images, _ = preprocess.normalise(batch[schema.IMAGE], mean, std)
+  images, _ = preprocess.normalise(batch[schema.IMAGE], mean, std, storage)
   output = model.apply(variables, images)
   labels = batch[label_feature(task)]
   out = {'real': batch[data_input.EXAMPLE_MASK], 'region': batch[schema.REGION]}
@@ -131,8 +134,9 @@ def tile_stats_step(variables, batch, *, model, mean, std, task):
   return out
 
 
-def make_tile_stats_fn(model, mean, std, task: str):
-  return jax.jit(functools.partial(tile_stats_step, model=model, mean=mean, std=std, task=task))
+def make_tile_stats_fn(model, mean, std, task: str, storage=quantise.FLOAT16):
+  return jax.jit(functools.partial(tile_stats_step, model=model, mean=mean, std=std, task=task,
+                                   storage=storage))
 
 
 def tile_stats(tile_stats_fn, variables, batches: Iterable[dict[str, np.ndarray]], sharding
@@ -233,9 +237,9 @@ def evaluate_splits(task: str, data_dir: str, eval_fn, variables, batch_sharding
   return results
 
 
-def predict_fn(model, mean, std, out_sharding=None):
-  def predict(variables, images_f16):
-    images, _ = preprocess.normalise(images_f16, mean, std)
+def predict_fn(model, mean, std, out_sharding=None, storage=quantise.FLOAT16):
+  def predict(variables, stored_images):
+    images, _ = preprocess.normalise(stored_images, mean, std, storage)
     return model.apply(variables, images)
   return jax.jit(predict, out_shardings=out_sharding)
 
@@ -360,26 +364,32 @@ def evaluate_checkpoint(eval_config, workdir: str | None = None) -> dict[str, An
   if differences:
     raise ValueError(f'{config.dataset.data_dir} differs from the data the checkpoint was '
                      'trained on: ' + '; '.join(differences))
+  if contract.storage_differences(dataset.contract) and jax.process_index() == 0:
+    # Accepted: each side decodes its own storage form to dB (schema.InputContract.differences).
+    print(f'Note: the checkpoint was trained on data stored as {contract.storage_summary()}, '
+          f'{config.dataset.data_dir} is stored as {dataset.contract.storage_summary()}; both '
+          'decode to dB, so it takes them.', flush=True)
   mean, std = np.asarray(contract.mean, np.float32), np.asarray(contract.std, np.float32)
+  storage = quantise.form_of(dataset.contract)  # The data's own form decodes them.
   batch = eval_config.batch_size or config.get('eval_batch_size', 0) or config.batch_size
   with jax.set_mesh(mesh), nn.logical_axis_rules(loaded.rules):
-    eval_fn = make_eval_fn(model, mean, std, task)
+    eval_fn = make_eval_fn(model, mean, std, task, storage)
     features = (schema.IMAGE, label_feature(task), schema.REGION)
     results = evaluate_splits(task, config.dataset.data_dir, eval_fn, variables,
                               sharding.batch_sharding(mesh), batch, tuple(eval_config.splits),
                               features, keep_images=eval_config.num_images)
   kept = results.pop('_kept')
   pictures = {}
-  predict = predict_fn(model, mean, std, out_sharding=sharding.replicated(mesh))
+  predict = predict_fn(model, mean, std, out_sharding=sharding.replicated(mesh), storage=storage)
   for split, tiles in kept.items():
     tiles = tiles_of_process_0(tiles, eval_config.num_images)
     if not len(tiles.get(schema.IMAGE, ())):
       continue
-    images = tiles[schema.IMAGE]
-    predictions = np.asarray(predict(variables, images))
+    predictions = np.asarray(predict(variables, tiles[schema.IMAGE]))
+    images = storage.decode(tiles[schema.IMAGE])  # dB for the picture.
     if task == 'worldcover':
       # Pixels without any valid input are no-data in the picture, as in the label.
-      no_data = np.isnan(images.astype(np.float32)).all(axis=-1)
+      no_data = np.isnan(images).all(axis=-1)
       predictions = np.where(no_data, schema.IGNORE_INDEX, predictions.argmax(-1))
     pictures[split] = prediction_figure(task, images, tiles[label_feature(task)], predictions)
   results.update({'checkpoint': f'{directory}/{step}', 'step': step, 'task_name': task,

@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from data_pipeline import input as data_input
+from data_pipeline import quantise
 from data_pipeline import schema
 from data_pipeline import subsets
 from mae_jax import checkpoint as ckpt_lib
@@ -94,13 +95,16 @@ def encoder_architecture(model_config: dict[str, Any]) -> dict[str, Any]:
 # --- Steps ----------------------------------------------------------------------------------
 
 
-def train_step(state, batch, seed, *, model, tx, schedule, mean, std, task):
-  """One optimiser step: normalise, forward (drop path, BatchNorm batch statistics), update.
+def train_step(state, batch, seed, *, model, tx, schedule, mean, std, task,
+               storage=quantise.FLOAT16):
+  """One optimiser step: decode, normalise, forward (drop path, BatchNorm batch statistics),
+  update.
 
   ``seed`` is a traced scalar, so runs that differ only in seed share one compiled step.
+  ``storage``: the form the batch's images are stored in (the data's, ``data_pipeline.quantise``).
   """
   step = state['step']
-  images, _ = preprocess.normalise(batch[schema.IMAGE], mean, std)
+  images, _ = preprocess.normalise(batch[schema.IMAGE], mean, std, storage)
   labels = batch[evaluate.label_feature(task)]
   rng = jax.random.fold_in(jax.random.key(seed), step)
   # Records skipped as bad (config.dataset.max_bad_records) carry no label: left out of the loss.
@@ -132,7 +136,8 @@ def train_step(state, batch, seed, *, model, tx, schedule, mean, std, task):
 def no_data_batch(task: str, local_batch: int, dataset) -> dict[str, np.ndarray]:
   """A batch of the training keys and shapes with no valid input or label (faults.Feed)."""
   size, channels = dataset.tile_size, dataset.num_channels
-  images = np.full((local_batch, size, size, channels), np.nan, np.float16)
+  # The dtype of the data's own batches, or the compiled step would not take it.
+  images = quantise.form_of(dataset.contract).nodata((local_batch, size, size, channels))
   if task == 'vcf':
     labels = np.full((local_batch,), np.nan, np.float32)
   else:
@@ -213,6 +218,12 @@ def check_pretrained(metadata: dict[str, Any], where: str, config, contract) -> 
     if not config.allow_contract_mismatch:
       raise ValueError(message + ' (set --config.allow_contract_mismatch=True to go on anyway)')
     loop.report('WARNING: ' + message)
+  if saved_contract.storage_differences(contract):
+    # Accepted: the data are decoded to dB with their own storage form before the encoder's
+    # normalisation; what differs is rounding (<= half a uint8 step) and the clipped tails.
+    loop.report(f'Note: the encoder in {where} was pretrained on data stored as '
+                f'{saved_contract.storage_summary()}, the fine-tuning data are stored as '
+                f'{contract.storage_summary()}; both decode to dB, so it takes them.')
 
 
 def restore_encoder(config, model_abstract, model_shardings, contract):
@@ -373,6 +384,10 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
                                                              checkpointer, contract, data_layout,
                                                              cache)
     # The encoder keeps the normalisation it was pretrained with; scratch uses this dataset's.
+    # The images are decoded as this dataset stores them, which the run's contract records (so
+    # that tools using the fine-tuned model prepare inputs as its training data were).
+    contract = contract.storage_of(train_data.contract)
+    storage = quantise.form_of(train_data.contract)
     mean, std = np.asarray(contract.mean, np.float32), np.asarray(contract.std, np.float32)
     metadata = {'task': 'finetune', 'task_name': task, 'head_kind': config.head.kind,
                 'model': config.model.to_dict(), 'architecture': finetune_architecture(config),
@@ -387,21 +402,23 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
     def build_functions():
       step_fn = jax.jit(
           functools.partial(train_step, model=train_model, tx=tx, schedule=schedule, mean=mean,
-                            std=std, task=task),
+                            std=std, task=task, storage=storage),
           in_shardings=(state_sharding, batch_sharding, None),
           out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
       best_fn = jax.jit(keep_best, in_shardings=(state_sharding, None),
                         out_shardings=state_sharding, donate_argnums=(0,))
-      return (step_fn, best_fn, evaluate.make_eval_fn(eval_model, mean, std, task),
-              evaluate.make_tile_stats_fn(eval_model, mean, std, task))
+      return (step_fn, best_fn, evaluate.make_eval_fn(eval_model, mean, std, task, storage),
+              evaluate.make_tile_stats_fn(eval_model, mean, std, task, storage))
 
     step_fn, best_fn, eval_fn, tile_stats_fn = cached(
         cache, ('functions', train_model, tx, tuple(mean.tolist()), tuple(std.tolist()), task,
-         sharding_key(state_sharding)), build_functions)
+         storage, sharding_key(state_sharding)), build_functions)
     seed = jnp.int32(config.seed)
     features = (schema.IMAGE, evaluate.label_feature(task))
     eval_features = features + (schema.REGION,)
-    val_data = data_input.HostDataset(config.dataset.data_dir, config.dataset.validation_split)
+    # Read at every evaluation: worth keeping in memory too (config.dataset.host_cache).
+    val_data = data_input.HostDataset(config.dataset.data_dir, config.dataset.validation_split,
+                                      host_cache=config.dataset.host_cache)
 
     def validation_scalars(variables) -> dict[str, float]:
       """val_loss (what selects the best step) and the task's metrics, from one pass."""

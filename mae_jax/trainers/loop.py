@@ -55,8 +55,9 @@ def prepare_workdir(workdir: str):
 def open_training_stream(config: ml_collections.ConfigDict, records=None):
   """The training split (or its selected ``records``) as fixed data shards, files scanned.
 
-  ``config.dataset``'s data shards, checksum and bad-record options apply; every process opens
-  its parts before any waits in a collective, and a failure on one stops all.
+  ``config.dataset``'s data shards, checksum, bad-record, reader and host cache options apply;
+  every process opens its parts before any waits in a collective, and a failure on one stops
+  all. Reports whether the records are kept in memory (``config.dataset.host_cache``).
   """
   dataset = config.dataset
   num_shards = validate.check_data_shards(
@@ -67,11 +68,14 @@ def open_training_stream(config: ml_collections.ConfigDict, records=None):
     stream = data_shards_lib.ShardedStream(
         dataset.data_dir, dataset.train_split, data_shards=num_shards,
         process_index=jax.process_index(), process_count=jax.process_count(), records=records,
-        verify_checksums=dataset.verify_checksums, max_bad_records=dataset.max_bad_records)
+        verify_checksums=dataset.verify_checksums, max_bad_records=dataset.max_bad_records,
+        reader=dataset.reader, host_cache=dataset.host_cache)
     stream.check_readable()  # A missing or damaged file fails here, at start-up.
     return stream
 
-  return distributed.agree(open_stream, 'opening the training data')
+  stream = distributed.agree(open_stream, 'opening the training data')
+  report(stream.host_cache_summary())
+  return stream
 
 
 class Throughput:

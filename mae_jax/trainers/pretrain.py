@@ -37,6 +37,7 @@ import numpy as np
 from etils import epath
 
 from data_pipeline import input as data_input
+from data_pipeline import quantise
 from data_pipeline import render
 from data_pipeline import schema
 from data_pipeline import subsets
@@ -66,9 +67,10 @@ def architecture(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {k: values[k] for k in ARCHITECTURE_FIELDS}
 
 
-def reconstruct(params, images_f16, step, *, model, mean, std, seed):
+def reconstruct(params, stored_images, step, *, model, mean, std, seed,
+                storage=quantise.FLOAT16):
   """(original, masked, reconstruction) in dB for a few tiles, as in He et al.'s figures."""
-  images, valid = preprocess.normalise(images_f16, mean, std)
+  images, valid = preprocess.normalise(stored_images, mean, std, storage)
   noise = jax.random.uniform(pretrain_step.step_key(seed, step),
                              (images.shape[0], model.num_patches))
   out = model.apply({'params': params}, images, valid, noise)
@@ -122,6 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       dataset.tile_size)
   contract = dataset.contract
   mean, std = np.asarray(contract.mean, np.float32), np.asarray(contract.std, np.float32)
+  storage = quantise.form_of(contract)  # Batches stay in it; the step decodes them.
   local_batch = config.batch_size // jax.process_count()
   data_layout = dataset.layout(config.seed, config.batch_size)
 
@@ -164,12 +167,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       return jax.jit(
           functools.partial(pretrain_step.train_step, model=model.clone(remat_policy=remat_policy),
                             tx=tx, schedule=schedule, mean=mean, std=std, seed=config.seed,
-                            accum_steps=config.optim.grad_accum_steps),
+                            accum_steps=config.optim.grad_accum_steps, storage=storage),
           in_shardings=(state_sharding, batch_sharding),
           out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
     # Reconstructions run on every process (params are global arrays); process 0 writes them.
     recon_fn = jax.jit(functools.partial(reconstruct, model=model, mean=mean, std=std,
-                                         seed=config.seed), out_shardings=sharding.replicated(mesh))
+                                         seed=config.seed, storage=storage),
+                       out_shardings=sharding.replicated(mesh))
     first_rows = jax.jit(lambda images: images[:config.num_images],
                          out_shardings=sharding.replicated(mesh))
 
@@ -184,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     feed = faults.Feed(
         dataset.batches(local_batch, seed=config.seed, start_step=start_step,
                         num_steps=num_steps, shuffle_buffer=config.dataset.shuffle_buffer),
-        lambda: {schema.IMAGE: np.full(image_shape, np.nan, np.float16)}, stop_signal,
+        lambda: {schema.IMAGE: storage.nodata(image_shape)}, stop_signal,
         skip_mode=config.dataset.max_bad_records > 0)
 
     flops_per_example = flops_lib.mae_train_flops(model)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from data_pipeline import quantise
 from data_pipeline import schema
 from mae_jax import faults
 from mae_jax import preprocess
@@ -25,10 +26,15 @@ def loss_fn(params, model, patches, valid, noise):
   return out['loss']
 
 
-def train_step(state, batch, *, model, tx, schedule, mean, std, seed, accum_steps):
-  """One optimiser step on a global batch: normalise, mask, forward, backward, update."""
+def train_step(state, batch, *, model, tx, schedule, mean, std, seed, accum_steps,
+               storage=quantise.FLOAT16):
+  """One optimiser step on a global batch: decode, normalise, mask, forward, backward, update.
+
+  ``storage``: the form the batch's images are stored in (``data_pipeline.quantise``).
+  """
   step = state['step']
-  patches, valid = preprocess.normalise_patches(batch[schema.IMAGE], model.patch_size, mean, std)
+  patches, valid = preprocess.normalise_patches(batch[schema.IMAGE], model.patch_size, mean, std,
+                                                storage)
   noise = jax.random.uniform(step_key(seed, step), (patches.shape[0], model.num_patches))
   grad_fn = jax.value_and_grad(loss_fn)
   if accum_steps == 1:

@@ -1,0 +1,209 @@
+"""Byte ranges of a dataset's TFRecord files, on a local disk or at a URL: the readers' only I/O.
+
+``data_pipeline.input.HostDataset`` reads records in one order on any filesystem (one index of
+record locations, one shuffle of them); only where their bytes come from differs:
+
+* :class:`LocalFiles` (reader ``'local'``): ``os.pread`` on file descriptors. Records are parsed
+  in place: ``example_codec`` reads only the requested features' bytes, the tensors straight
+  into the batch arrays.
+* :class:`UrlFiles` (reader ``'url'``, the default for URLs): ``tf.io.gfile``, so any filesystem
+  TensorFlow knows (``gs://``, and local paths, which is how the tests and bench/bench_input.py
+  run this path on local files). Each read is one byte range (open, ``seek``, ``read``), so a
+  remote record costs one request: whole records are read, adjacent ones in a batch together
+  (see ``HostDataset``), and parsed from memory. ``tf.io.gfile`` releases the GIL while it
+  waits, so many requests are in flight at once (:data:`URL_READ_THREADS`). It copies more
+  than ``os.pread`` (into its buffer, a string, a Python bytes object, then the batch): on
+  local files it costs about three times the CPU of the local reader (bench/README.md).
+
+:func:`scan` lists the records of a file (``tfrecord_index.scan``): locally a 12-byte read per
+header, as cheap as it gets from a local disk; remotely in :data:`URL_SCAN_CHUNK` sequential
+chunks, so a file of small records costs a few requests, not one per record. Scans are kept per
+process, keyed by (path, size, modification time): datasets opened again over the same files
+(data shards, a study's label fractions, evaluation passes) do not scan them again.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import Sequence
+
+from absl import logging
+import numpy as np
+
+from data_pipeline import tfrecord_index
+
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+# Reader threads for URLs: a remote read mostly waits for the network (without the GIL), so
+# more requests in flight than cores keep a host's bandwidth busy. Local paths read through
+# tf.io.gfile do not wait: more threads than the local reader's would only contend for the GIL.
+URL_READ_THREADS = min(64, max(16, 4 * _CORES))
+# Bytes per read of a remote header scan: large enough that a request's latency weighs little
+# against its transfer, small enough that a file of big records is not read whole just for its
+# headers (a record larger than this costs one read of this size).
+URL_SCAN_CHUNK = 16 << 20
+# TensorFlow's GCS filesystem buffers each open file: a read that misses the buffer refills it
+# with GCS_READ_CACHE_BLOCK_SIZE_MB (default 64 MiB) from there, so every record read at a random
+# place would download 64 MiB. 8 MiB: a 448 px tile (4.8 MB) costs one request of 8 MiB, a
+# scan chunk two. TensorFlow reads the variable when it is imported: set before that (this
+# module is imported before TensorFlow in the trainers); a value already set wins.
+_GCS_BLOCK_SIZE_MB = '8'
+_TF_BEFORE_US = 'tensorflow' in sys.modules and 'GCS_READ_CACHE_BLOCK_SIZE_MB' not in os.environ
+os.environ.setdefault('GCS_READ_CACHE_BLOCK_SIZE_MB', _GCS_BLOCK_SIZE_MB)
+_warned = []
+
+_scans: dict[tuple[str, int, int], tuple[np.ndarray, tuple[int, int, str] | None]] = {}
+_scans_lock = threading.Lock()
+
+
+def _tf():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf
+
+
+def _tf_error(error: Exception) -> bool:
+  """Whether ``error`` is a tf.errors.OpError, without importing TensorFlow where it is not."""
+  return any(c.__name__ == 'OpError' for c in type(error).__mro__)
+
+
+def _check_gcs_block_size(paths: Sequence[str]) -> None:
+  """Warns once if TensorFlow started before this module could set its GCS block size."""
+  if _TF_BEFORE_US and not _warned and any(p.startswith('gs://') for p in paths):
+    _warned.append(True)
+    logging.warning(
+        'TensorFlow was imported before data_pipeline.record_files, so its GCS reads use '
+        '64 MiB blocks: each record read may download 64 MiB. Set '
+        'GCS_READ_CACHE_BLOCK_SIZE_MB=%s in the environment (or import data_pipeline.input '
+        'first)', _GCS_BLOCK_SIZE_MB)
+
+
+def read_threads(paths: Sequence[str], remote: bool, local_threads: int) -> int:
+  """Threads to read ``paths`` with: URL_READ_THREADS for a remote filesystem (a URL),
+  ``local_threads`` for local paths, whichever the reader."""
+  return URL_READ_THREADS if remote and any('://' in p for p in paths) else local_threads
+
+
+def stat(path: str, remote: bool) -> tuple[int, int]:
+  """(size in bytes, modification time in ns) of a file."""
+  if remote:
+    try:
+      info = _tf().io.gfile.stat(path)
+    except Exception as e:  # pylint: disable=broad-except
+      if _tf_error(e):
+        raise OSError(f'{path}: cannot stat the file '
+                      f'({tfrecord_index.tf_message(e)})') from e
+      raise
+    return int(info.length), int(info.mtime_nsec)
+  info = os.stat(path)
+  return info.st_size, info.st_mtime_ns
+
+
+def scan(path: str, remote: bool) -> tuple[np.ndarray, tuple[int, int, str] | None]:
+  """``tfrecord_index.scan`` of a local file (``remote=False``) or of any file through
+  ``tf.io.gfile``, from this process's memory when the file has not changed since."""
+  size, mtime = stat(path, remote)
+  key = (path, size, mtime)
+  with _scans_lock:
+    if key in _scans:
+      return _scans[key]
+  if remote:
+    files = UrlFiles([path])
+    try:
+      result = tfrecord_index.scan(path, lambda offset, n: files.read(0, offset, n), size,
+                                   URL_SCAN_CHUNK)
+    finally:
+      files.close()
+  else:
+    result = tfrecord_index.scan(path, size=size)
+  with _scans_lock:
+    _scans[key] = result
+  return result
+
+
+def forget_scans() -> None:
+  """Empties this process's scan cache (tests, or files rewritten in place within a
+  timestamp's resolution)."""
+  with _scans_lock:
+    _scans.clear()
+
+
+class LocalFiles:
+  """Files of a local filesystem, read with ``os.pread`` (thread-safe); records parsed in place.
+
+  Each file is opened at its first read (a stream served by the host cache opens none) and
+  stays open until :meth:`close`.
+  """
+  remote = False
+
+  def __init__(self, paths: Sequence[str]):
+    self.paths = paths
+    self._fds: dict[int, int] = {}
+    self._lock = threading.Lock()
+
+  def fd(self, index: int) -> int:
+    fd = self._fds.get(index)
+    if fd is None:
+      with self._lock:
+        fd = self._fds.get(index)
+        if fd is None:
+          fd = self._fds[index] = os.open(self.paths[index], os.O_RDONLY)
+    return fd
+
+  def read(self, index: int, offset: int, n: int) -> bytes:
+    """Up to ``n`` bytes of file ``index`` from ``offset`` (fewer only at its end)."""
+    return os.pread(self.fd(index), n, offset)
+
+  def readinto(self, index: int, offset: int, out: memoryview) -> int:
+    """Fills ``out`` from file ``index`` at ``offset``; returns the bytes read (fewer only at the
+    file's end)."""
+    fd = self.fd(index)
+    done = 0
+    while done < len(out):
+      n = os.preadv(fd, [out[done:]], offset + done)
+      if n <= 0:
+        break
+      done += n
+    return done
+
+  def close(self) -> None:
+    with self._lock:
+      fds, self._fds = self._fds, {}
+    for fd in fds.values():
+      os.close(fd)
+
+
+class UrlFiles:
+  """Files of any filesystem TensorFlow knows, read as byte ranges through ``tf.io.gfile``.
+
+  Each read opens the file, seeks and reads (opening costs no request on cloud storage; a
+  ``GFile`` has one position, so reads on several threads cannot share one, and one kept open
+  per thread and file would hold a read buffer each). Errors of TensorFlow's filesystem (which
+  already retries transient failures of cloud storage) become OSErrors naming the file and the
+  range.
+  """
+  remote = True
+
+  def __init__(self, paths: Sequence[str]):
+    self.paths = paths
+    _check_gcs_block_size(paths)
+
+  def read(self, index: int, offset: int, n: int) -> bytes:
+    """Up to ``n`` bytes of file ``index`` from ``offset`` (fewer only at its end)."""
+    try:
+      with _tf().io.gfile.GFile(self.paths[index], 'rb') as f:
+        f.seek(offset)
+        return f.read(n)
+    except Exception as e:  # pylint: disable=broad-except
+      if _tf_error(e):
+        raise OSError(f'{self.paths[index]}: cannot read bytes {offset}..{offset + n} '
+                      f'({tfrecord_index.tf_message(e)})') from e
+      raise
+
+  def close(self) -> None:
+    pass
+
+
+def open_files(paths: Sequence[str], remote: bool) -> LocalFiles | UrlFiles:
+  """The files ``paths`` for reading (each opened when first read); close() when done."""
+  return UrlFiles(paths) if remote else LocalFiles(paths)
