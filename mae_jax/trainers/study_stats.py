@@ -26,6 +26,7 @@ Pure numpy; no JAX.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from typing import Any, Mapping, Sequence
 
@@ -44,7 +45,6 @@ TILE_STATS_FILE = 'tile_stats.npz'
 
 def save_tile_stats(path: str, task: str, stats: Mapping[str, np.ndarray]) -> None:
   """Writes one run's per-tile statistics (see :func:`tile_metric`) atomically as .npz."""
-  import io  # pylint: disable=g-import-not-at-top
   buffer = io.BytesIO()
   np.savez(buffer, task=np.asarray(task), **stats)
   atomic.write_bytes(path, buffer.getvalue())
