@@ -1,6 +1,6 @@
 # Two commands for a fresh machine (Python 3.11+ with pip and venv; no GPU needed):
 #   make demo   builds the embedded dataset and pretrains the tiny MAE on it (~3 min on 2 cores)
-#   make study-quick  the label-efficiency study on that dataset (~30 min on 2 cores)
+#   make study-quick  the label-efficiency study on that dataset (~23 min on 2 cores)
 #   make test   runs the test suite on 8 fake CPU devices (~11 min on 2 cores)
 #   make test-fast  the everyday tier: no end-to-end or multi-process tests (~2.5 min)
 # Both create .venv from the pinned requirements on first use.

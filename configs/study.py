@@ -17,7 +17,7 @@ Presets:
   * ``quick``: the embedded dataset (``make demo`` builds it, 128 px; its test split of 640
     tiles holds about 130 per region, so that the intervals can call the 1 % and 10 % cells),
     the ``tiny`` model pretrained here for ``pretrain_steps`` on the pretraining regions only,
-    then 60 fine-tuning steps of batch 32 per run, 4 seeds (80 runs); about 30 minutes on 2 CPU
+    then 60 fine-tuning steps of batch 32 per run, 4 seeds (80 runs); about 23 minutes on 2 CPU
     cores.
   * ``probe``: linear probes (frozen encoder, configs/linear_probe.py's tiny recipe: 300 steps
     of batch 32, peak lr 1e-2) of the pretrained and of a random encoder, all labels, 3 seeds,
