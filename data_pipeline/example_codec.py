@@ -2,8 +2,9 @@
 
 :func:`read_record` walks one serialised record's protobuf structure with small reads, parses
 only the requested features (the others, known or not, are skipped unread) and copies the bytes
-of raw tensors (the image, float16 or uint8) from the file into their row of the batch array:
-one copy, the one a plain ``read`` of the file does too. A :class:`Codec` (from
+of raw tensors (the image, float16 or uint8) from the file into their row of the batch array
+(locally one copy, the one a plain ``read`` of the file does too). Files are read through a
+``data_pipeline.record_files`` source, or the record is given in memory. A :class:`Codec` (from
 :func:`codec_for`) says what a requested feature is stored as and what array it becomes; a
 record that does not match is a ``tfrecord_index.BadRecordError`` naming it.
 :func:`fill_missing` fills a bad record's row with missing values (0, the no-data code, in a
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import struct
 from typing import Iterator, Sequence
 
@@ -98,13 +98,14 @@ def _from_tfds(feature) -> dataset_info.Feature:
 class _Record:
   """One serialised tf.train.Example inside an open file, read on demand in small chunks."""
 
-  __slots__ = ('fd', 'start', 'length', 'where', '_chunk', '_chunk_pos')
+  __slots__ = ('source', 'start', 'length', 'where', '_chunk', '_chunk_pos')
 
-  def __init__(self, fd: int | None, start: int, length: int, where: str,
-               data: bytes | None = None):
-    """``where`` starts every error message; ``data``, if given, is the whole record in memory,
-    any bytes-like object (e.g. a memoryview into a larger read; then ``fd`` is not read)."""
-    self.fd, self.start, self.length, self.where = fd, start, length, where
+  def __init__(self, source, start: int, length: int, where: str, data: bytes | None = None):
+    """``source`` reads the file (``pread(n, offset)``, ``readinto(out, offset)``, as
+    ``data_pipeline.record_files`` sources do); ``where`` starts every error message; ``data``,
+    if given, is the whole record in memory, any bytes-like object (e.g. a memoryview into a
+    larger read; then ``source`` is not read)."""
+    self.source, self.start, self.length, self.where = source, start, length, where
     self._chunk, self._chunk_pos = (b'', 0) if data is None else (data, 0)
 
   def corrupt(self, what: str) -> tfrecord_index.BadRecordError:
@@ -117,7 +118,7 @@ class _Record:
                          f'({self.length} bytes)')
     i = pos - self._chunk_pos
     if i < 0 or i + n > len(self._chunk):
-      self._chunk = os.pread(self.fd, min(max(n, _CHUNK), self.length - pos), self.start + pos)
+      self._chunk = self.source.pread(min(max(n, _CHUNK), self.length - pos), self.start + pos)
       self._chunk_pos, i = pos, 0
       if len(self._chunk) < n:
         raise self.corrupt('the file ends inside the record')
@@ -130,22 +131,20 @@ class _Record:
     return bytes(self._chunk[i:i + n])
 
   def readinto(self, pos: int, out: memoryview) -> None:
-    """Copies bytes at ``pos`` into ``out``; big spans go file -> ``out`` in one pread."""
-    n = len(out)
+    """Copies bytes at ``pos`` into ``out``: what the chunk holds from it, the rest from the
+    file in one ``readinto`` (so reads go forward: a stream never seeks back)."""
+    if pos < 0 or pos + len(out) > self.length:
+      raise self.corrupt(f'malformed tf.train.Example: bytes {pos}..{pos + len(out)} past its '
+                         'end')
     i = pos - self._chunk_pos
-    if 0 <= i and i + n <= len(self._chunk):
+    if 0 <= i < len(self._chunk):
+      n = min(len(out), len(self._chunk) - i)
       # numpy copies without the GIL (a memoryview assignment holds it): records parsed from
-      # memory (URL reads, the host cache) copy their tensors on all reader threads at once.
-      np.copyto(np.asarray(out), np.frombuffer(self._chunk, np.uint8, n, i))
-      return
-    if pos < 0 or pos + n > self.length:
-      raise self.corrupt(f'malformed tf.train.Example: bytes {pos}..{pos + n} past its end')
-    offset = self.start + pos
-    while len(out):
-      done = os.preadv(self.fd, [out], offset)
-      if done <= 0:
-        raise self.corrupt('the file ends inside the record')
-      out, offset = out[done:], offset + done
+      # memory (the host cache) copy their tensors on all reader threads at once.
+      np.copyto(np.asarray(out[:n]), np.frombuffer(self._chunk, np.uint8, n, i))
+      out, pos = out[n:], pos + n
+    if len(out) and self.source.readinto(out, self.start + pos) < len(out):
+      raise self.corrupt('the file ends inside the record')
 
   def varint(self, pos: int, end: int) -> tuple[int, int]:
     data = self.read(pos, min(10, end - pos))
@@ -258,15 +257,16 @@ def _size_problem(codec: Codec, size: int) -> str:
   return text
 
 
-def read_record(fd: int | None, start: int, length: int, where: str,
+def read_record(source, start: int, length: int, where: str,
                 codecs: dict[bytes, Codec], out: dict[str, np.ndarray],
                 raw_out: dict[str, np.ndarray], slot: int, data: bytes | None = None) -> None:
   """Parses the requested features of one record into row ``slot`` of the batch arrays.
 
-  The record is read from ``fd`` at ``start``, or from ``data`` (the whole record) if given.
+  The record is read from ``source`` (a ``data_pipeline.record_files`` source: ``pread`` and
+  ``readinto``) at byte ``start``, or from ``data`` (the whole record) if given.
   Anything wrong with it is a BadRecordError whose message starts with ``where``.
   """
-  record = _Record(fd, start, length, where, data)
+  record = _Record(source, start, length, where, data)
   try:
     found = record.features(codecs)
     for key, codec in codecs.items():

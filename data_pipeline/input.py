@@ -20,8 +20,9 @@ resumes exactly, in either direction. Their speeds are in bench/README.md.
   (``data_pipeline.example_codec``, ``array_pool``). ``'local'`` reads files of a local
   filesystem with ``os.pread``, parsing in place (only the requested features' bytes are
   read); ``'url'`` reads any filesystem TensorFlow knows through ``tf.io.gfile`` (it works on
-  local paths too: that is how tests and benchmarks check it), whole records as byte ranges,
-  adjacent records of a batch in one read, with more threads for URLs (remote reads mostly wait).
+  local paths too: that is how tests and benchmarks check it), parsing the same way, adjacent
+  records of a batch through one open file, with more threads for URLs (remote reads mostly
+  wait).
   Both check header CRCs; payload CRCs only with ``verify_checksums=True``, the first time the
   dataset reads each record (that first epoch reads slower, later ones do not).
   ``host_cache`` (``data_pipeline.host_cache``) keeps the records in memory after their first
@@ -94,9 +95,10 @@ _READERS = ('auto', 'local', 'url', 'tf')
 # 'local' names the record-index order of both the local and the URL reader (the name it had
 # when only local files had it, so older checkpoints resume).
 _ORDER = {'local': 'local', 'url': 'local', 'tf': 'tf'}
-# The URL reader reads the records of a batch that lie in one file at most _RUN_GAP bytes apart
-# as one byte range of at most _RUN_BYTES (file order in evaluation passes, small selections):
-# a remote request costs about as much time as transferring an MiB more.
+# The URL reader reads the records of a batch that lie in one file at most _RUN_GAP bytes apart,
+# spanning at most _RUN_BYTES (file order in evaluation passes, small selections), through one
+# open file, in order: on cloud storage they share the requests of its buffer, and a remote
+# request costs about as much time as transferring an MiB more.
 _RUN_GAP = 1 << 20
 _RUN_BYTES = 32 << 20
 
@@ -175,11 +177,11 @@ def _selection(records, split_size: int, where: str) -> np.ndarray:
 
 def _runs(ranged: list[tuple[int, int, int, int]], locations: np.ndarray
           ) -> list[list[tuple[int, int, int, int]]]:
-  """(file index, offset, slot, row) of records grouped into byte ranges to read at once.
+  """(file index, offset, slot, row) of records grouped into runs, each read in order through
+  one open file.
 
-  Records of one file at most _RUN_GAP apart share a range of at most _RUN_BYTES (a record and
-  its 4-byte CRC, the next one's 12-byte header, ...). The same row twice (a selection smaller
-  than a batch) reads once.
+  Records of one file at most _RUN_GAP apart share a run spanning at most _RUN_BYTES (a record
+  and its 4-byte CRC, the next one's 12-byte header, ...).
   """
   runs, end = [], 0
   for item in sorted(ranged):
@@ -198,12 +200,13 @@ def _runs(ranged: list[tuple[int, int, int, int]], locations: np.ndarray
 class _RecordReads:
   """How one stream reads the record of a row into a batch slot.
 
-  From the host cache if it has it; otherwise locally in place (only the requested features'
-  bytes, tensors straight into the batch arrays), or through a URL as whole records, the
-  records of a run in one byte range. With ``verify_checksums``, a row's payload CRC is checked
-  the first time it is read (``verified``); the cache keeps only records read whole (and
-  checked). Each read returns ``{slot: BadRecordError}`` for the slots whose record is bad; other
-  errors (an unreadable file) raise.
+  From the host cache if it has it; otherwise from its file, parsed in place (only the requested
+  features' bytes, tensors straight into the batch arrays): locally with ``os.pread``, through
+  a URL streamed from one open handle per run of records (see _runs). With
+  ``verify_checksums``, a row's payload CRC is checked the first time it is read (``verified``);
+  the cache keeps only records read whole (and checked). Each read returns
+  ``{slot: BadRecordError}`` for the slots whose record is bad; other errors (an unreadable
+  file) raise.
   """
 
   def __init__(self, files: record_files.LocalFiles | record_files.UrlFiles,
@@ -213,7 +216,7 @@ class _RecordReads:
     self.files, self.locations, self.paths, self.wanted = files, locations, paths, wanted
     self.verified = verified if verify else None
     # Local files are checked by TensorFlow's record reader when it is installed (it reads and
-    # checks without the GIL); a remote record is in memory already: google-crc32c checks it.
+    # checks without the GIL); a remote record is read whole and google-crc32c checks it.
     self.verifier = tfrecord_index.Verifier(paths) if verify and not files.remote else None
     self.cache = cache
 
@@ -227,69 +230,55 @@ class _RecordReads:
   def _unverified(self, row: int) -> bool:
     return self.verified is not None and not self.verified[row]
 
-  def one(self, slot: int, row: int, out, raw_out) -> dict[int, BadRecordError]:
-    """The record of ``row`` into ``slot``: from the cache, or from a local file."""
+  def _checked(self, source, row: int, where: str) -> memoryview:
+    """The data of ``row``'s record, read whole with its CRC and checked."""
     file_index, offset, length = (int(v) for v in self.locations[row, :3])
+    if self.verifier is not None:
+      return memoryview(self.verifier.read(file_index, offset, length, where))
+    data = memoryview(bytearray(length + 4))
+    if source.readinto(data, offset) < length + 4:
+      raise BadRecordError(f'{where}: the file ends inside the record; it changed since its '
+                           'headers were scanned')
+    tfrecord_index.check_crc(data[:length], bytes(data[length:]), where)
+    return data[:length]
+
+  def _record(self, source, slot: int, row: int, out, raw_out) -> None:
+    """The record of ``row`` into ``slot``, from the cache or through ``source``."""
+    offset, length = (int(v) for v in self.locations[row, 1:3])
     where = self.where(row)
-    try:
-      data = self.cache.get(row) if self.cache is not None else None
-      if data is None:
-        target = self.cache.claim(row) if self.cache is not None else None
-        kept = False
-        try:
-          if self._unverified(row):
-            data = self.verifier.read(file_index, offset, length, where)
-            self.verified[row] = True
-            if target is not None:
-              np.copyto(target, np.frombuffer(data, np.uint8))
-              kept = True
-          elif target is not None:
-            if self.files.readinto(file_index, offset, memoryview(target)) < length:
-              raise BadRecordError(f'{where}: the file ends inside the record; it changed since '
-                                   'its headers were scanned')
-            data, kept = memoryview(target), True
-        finally:
+    data = self.cache.get(row) if self.cache is not None else None
+    if data is None:
+      target = self.cache.claim(row) if self.cache is not None else None
+      kept = False
+      try:
+        if self._unverified(row):
+          data = self._checked(source, row, where)
+          self.verified[row] = True
           if target is not None:
-            self.cache.done(row, kept)
-      fd = self.files.fd(file_index) if data is None else None  # None: parsed from memory.
-      example_codec.read_record(fd, offset, length, where, self.wanted, out, raw_out, slot, data)
-    except BadRecordError as e:
-      return {slot: e}
-    return {}
+            np.copyto(target, np.frombuffer(data, np.uint8))
+            kept = True
+        elif target is not None:
+          if source.readinto(memoryview(target), offset) < length:
+            raise BadRecordError(f'{where}: the file ends inside the record; it changed since '
+                                 'its headers were scanned')
+          data, kept = memoryview(target), True
+      finally:
+        if target is not None:
+          self.cache.done(row, kept)
+    # Parsed from memory (data) or from the file (source).
+    example_codec.read_record(source if data is None else None, offset, length, where,
+                              self.wanted, out, raw_out, slot, data)
 
   def run(self, items: list[tuple[int, int, int, int]], out, raw_out
           ) -> dict[int, BadRecordError]:
-    """The records of ``items`` (see _runs) from one byte range of their file."""
-    file_index, start = items[0][0], items[0][1]
-    end = max(offset + int(self.locations[row, 2]) + 4 for _, offset, _, row in items)
-    data = memoryview(self.files.read(file_index, start, end - start))
+    """The records of ``items`` (see _runs: one file, by offset) through one open source."""
     errors = {}
-    for _, offset, slot, row in items:
-      length = int(self.locations[row, 2])
-      where = self.where(row)
-      at = offset - start
-      record = data[at:at + length]
-      try:
-        if len(record) < length:
-          raise BadRecordError(f'{where}: the file ends inside the record; it changed since '
-                               'its headers were scanned')
-        if self._unverified(row):
-          footer = bytes(data[at + length:at + length + 4])
-          if len(footer) < 4:
-            raise BadRecordError(f'{where}: the file ends inside the record; it changed since '
-                                 'its headers were scanned')
-          tfrecord_index.check_crc(record, footer, where)
-          self.verified[row] = True
-        target = self.cache.claim(row) if self.cache is not None else None
-        if target is not None:
-          try:
-            np.copyto(target, np.frombuffer(record, np.uint8))
-          finally:
-            self.cache.done(row, True)
-        example_codec.read_record(None, offset, length, where, self.wanted, out, raw_out, slot,
-                                  record)
-      except BadRecordError as e:
-        errors[slot] = e
+    with self.files.open(items[0][0]) as source:
+      for _, _, slot, row in items:
+        try:
+          self._record(source, slot, row, out, raw_out)
+        except BadRecordError as e:
+          errors[slot] = e
     return errors
 
 
@@ -770,10 +759,11 @@ class HostDataset:
           row = int(row)
           if locations[row, 1] < 0 or row in bad_rows:
             continue
+          item = (int(locations[row, 0]), int(locations[row, 1]), slot, row)
           if remote and not reads.cached(row):
-            ranged.append((int(locations[row, 0]), int(locations[row, 1]), slot, row))
+            ranged.append(item)
           else:
-            jobs[slot] = pool.submit(reads.one, slot, row, out, raw_out)
+            jobs[slot] = pool.submit(reads.run, [item], out, raw_out)
         for run in _runs(ranged, locations):
           job = pool.submit(reads.run, run, out, raw_out)
           for _, _, slot, _ in run:

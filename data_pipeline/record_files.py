@@ -8,12 +8,14 @@ record locations, one shuffle of them); only where their bytes come from differs
   into the batch arrays.
 * :class:`UrlFiles` (reader ``'url'``, the default for URLs): ``tf.io.gfile``, so any filesystem
   TensorFlow knows (``gs://``, and local paths, which is how the tests and bench/bench_input.py
-  run this path on local files). Each read is one byte range (open, ``seek``, ``read``), so a
-  remote record costs one request: whole records are read, adjacent ones in a batch together
-  (see ``HostDataset``), and parsed from memory. ``tf.io.gfile`` releases the GIL while it
-  waits, so many requests are in flight at once (:data:`URL_READ_THREADS`). It copies more
-  than ``os.pread`` (into its buffer, a string, a Python bytes object, then the batch): on
-  local files it costs about three times the CPU of the local reader (bench/README.md).
+  run this path on local files). Records are parsed the same way, through one open file per
+  run of records a batch reads together (see ``HostDataset``), and their tensors stream into
+  the batch in :data:`URL_STREAM_CHUNK` pieces. On cloud storage a record costs one request of
+  TensorFlow's read buffer. ``tf.io.gfile`` releases the GIL while it waits, so many requests
+  are in flight at once (:data:`URL_READ_THREADS`). It copies more than ``os.pread`` (into its
+  buffer, a string, a Python bytes object, then the batch; the bytes object is made while
+  holding the GIL): on page-cached local files it costs about twice the CPU of the local
+  reader (bench/README.md).
 
 :func:`scan` lists the records of a file (``tfrecord_index.scan``): locally a 12-byte read per
 header, as cheap as it gets from a local disk; remotely in :data:`URL_SCAN_CHUNK` sequential
@@ -24,10 +26,11 @@ process, keyed by (path, size, modification time): datasets opened again over th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from absl import logging
 import numpy as np
@@ -43,6 +46,11 @@ URL_READ_THREADS = min(64, max(16, 4 * _CORES))
 # against its transfer, small enough that a file of big records is not read whole just for its
 # headers (a record larger than this costs one read of this size).
 URL_SCAN_CHUNK = 16 << 20
+# Bytes per read when a record's tensor streams from a URL into the batch: small enough that
+# the copies TensorFlow makes on the way stay in the CPU's cache, large enough that the Python
+# call per piece weighs little; 512 KiB is what tf.io.gfile buffers, so each read refills its
+# buffer once.
+URL_STREAM_CHUNK = 512 << 10
 # TensorFlow's GCS filesystem buffers each open file: a read that misses the buffer refills it
 # with GCS_READ_CACHE_BLOCK_SIZE_MB (default 64 MiB) from there, so every record read at a random
 # place would download 64 MiB. 8 MiB: a 448 px tile (4.8 MB) costs one request of 8 MiB, a
@@ -128,6 +136,31 @@ def forget_scans() -> None:
     _scans.clear()
 
 
+class _FdSource:
+  """Reads one file of a :class:`LocalFiles` with ``os.pread`` (thread-safe, releases the GIL),
+  opening it at the first read."""
+
+  __slots__ = ('files', 'index')
+
+  def __init__(self, files: LocalFiles, index: int):
+    self.files, self.index = files, index
+
+  def pread(self, n: int, offset: int) -> bytes:
+    """Up to ``n`` bytes from ``offset`` (fewer only at the file's end)."""
+    return os.pread(self.files.fd(self.index), n, offset)
+
+  def readinto(self, out: memoryview, offset: int) -> int:
+    """Fills ``out`` from ``offset``; returns the bytes read (fewer only at the file's end)."""
+    fd = self.files.fd(self.index)
+    done = 0
+    while done < len(out):
+      n = os.preadv(fd, [out[done:]], offset + done)
+      if n <= 0:
+        break
+      done += n
+    return done
+
+
 class LocalFiles:
   """Files of a local filesystem, read with ``os.pread`` (thread-safe); records parsed in place.
 
@@ -150,21 +183,14 @@ class LocalFiles:
           fd = self._fds[index] = os.open(self.paths[index], os.O_RDONLY)
     return fd
 
+  @contextlib.contextmanager
+  def open(self, index: int) -> Iterator[_FdSource]:
+    """A source reading file ``index`` (any thread may read the same file)."""
+    yield _FdSource(self, index)
+
   def read(self, index: int, offset: int, n: int) -> bytes:
     """Up to ``n`` bytes of file ``index`` from ``offset`` (fewer only at its end)."""
     return os.pread(self.fd(index), n, offset)
-
-  def readinto(self, index: int, offset: int, out: memoryview) -> int:
-    """Fills ``out`` from file ``index`` at ``offset``; returns the bytes read (fewer only at the
-    file's end)."""
-    fd = self.fd(index)
-    done = 0
-    while done < len(out):
-      n = os.preadv(fd, [out[done:]], offset + done)
-      if n <= 0:
-        break
-      done += n
-    return done
 
   def close(self) -> None:
     with self._lock:
@@ -173,14 +199,65 @@ class LocalFiles:
       os.close(fd)
 
 
-class UrlFiles:
-  """Files of any filesystem TensorFlow knows, read as byte ranges through ``tf.io.gfile``.
+class _GFileSource:
+  """Reads one file through an open ``tf.io.gfile.GFile``, on one thread.
 
-  Each read opens the file, seeks and reads (opening costs no request on cloud storage; a
-  ``GFile`` has one position, so reads on several threads cannot share one, and one kept open
-  per thread and file would hold a read buffer each). Errors of TensorFlow's filesystem (which
-  already retries transient failures of cloud storage) become OSErrors naming the file and the
-  range.
+  Big spans are read in :data:`URL_STREAM_CHUNK` pieces, each copied into its place as it
+  arrives: every copy TensorFlow makes on the way (its read buffer, a string, a Python bytes
+  object) is of a piece that stays in the CPU's cache, and only the last one, into the batch,
+  goes to memory. Reads on cloud storage go through TensorFlow's buffer of the open file
+  (``GCS_READ_CACHE_BLOCK_SIZE_MB``): a record costs one request, and records of one run read
+  through one handle share requests. Errors of TensorFlow's filesystem (which already retries
+  transient failures of cloud storage) become OSErrors naming the file and the range.
+  """
+
+  __slots__ = ('path', 'file')
+
+  def __init__(self, path: str):
+    self.path = path
+    self.file = _tf().io.gfile.GFile(path, 'rb')
+
+  def _error(self, error: Exception, offset: int, n: int) -> Exception:
+    if _tf_error(error):
+      return OSError(f'{self.path}: cannot read bytes {offset}..{offset + n} '
+                     f'({tfrecord_index.tf_message(error)})')
+    return error
+
+  def pread(self, n: int, offset: int) -> bytes:
+    """Up to ``n`` bytes from ``offset`` (fewer only at the file's end)."""
+    try:
+      self.file.seek(offset)
+      return self.file.read(n)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._error(e, offset, n) from e
+
+  def readinto(self, out: memoryview, offset: int) -> int:
+    """Fills ``out`` from ``offset``; returns the bytes read (fewer only at the file's end)."""
+    target = np.asarray(out)
+    done = 0
+    try:
+      self.file.seek(offset)
+      while done < len(target):
+        piece = self.file.read(min(URL_STREAM_CHUNK, len(target) - done))
+        if not piece:
+          break
+        # numpy copies without the GIL, so other threads parse and copy meanwhile.
+        np.copyto(target[done:done + len(piece)], np.frombuffer(piece, np.uint8))
+        done += len(piece)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._error(e, offset + done, len(target) - done) from e
+    return done
+
+  def close(self) -> None:
+    self.file.close()
+
+
+class UrlFiles:
+  """Files of any filesystem TensorFlow knows, read through ``tf.io.gfile``.
+
+  Each :meth:`open` opens its own ``GFile`` (opening costs no request on cloud storage; a
+  ``GFile`` has one position, so threads cannot share one): a stream opens one per run of
+  records it reads together, and closes it after.
   """
   remote = True
 
@@ -188,17 +265,25 @@ class UrlFiles:
     self.paths = paths
     _check_gcs_block_size(paths)
 
-  def read(self, index: int, offset: int, n: int) -> bytes:
-    """Up to ``n`` bytes of file ``index`` from ``offset`` (fewer only at its end)."""
+  @contextlib.contextmanager
+  def open(self, index: int) -> Iterator[_GFileSource]:
+    """A source reading file ``index``, for one thread, closed on leaving the block."""
     try:
-      with _tf().io.gfile.GFile(self.paths[index], 'rb') as f:
-        f.seek(offset)
-        return f.read(n)
+      source = _GFileSource(self.paths[index])
     except Exception as e:  # pylint: disable=broad-except
       if _tf_error(e):
-        raise OSError(f'{self.paths[index]}: cannot read bytes {offset}..{offset + n} '
+        raise OSError(f'{self.paths[index]}: cannot open the file '
                       f'({tfrecord_index.tf_message(e)})') from e
       raise
+    try:
+      yield source
+    finally:
+      source.close()
+
+  def read(self, index: int, offset: int, n: int) -> bytes:
+    """Up to ``n`` bytes of file ``index`` from ``offset`` (fewer only at its end)."""
+    with self.open(index) as source:
+      return source.pread(n, offset)
 
   def close(self) -> None:
     pass

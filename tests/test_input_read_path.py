@@ -13,6 +13,7 @@ from data_pipeline import array_pool
 from data_pipeline import build_synthetic
 from data_pipeline import example_codec
 from data_pipeline import input as data_input
+from data_pipeline import record_files
 from data_pipeline import schema
 from data_pipeline import tf_reader
 from data_pipeline import tfrecord_index
@@ -195,16 +196,17 @@ def test_parser_reads_unpacked_lists_negative_ints_and_repeated_keys(tmp_path):
             example_codec.Codec('shape', example_codec.INT, (2,), np.dtype(np.int32)),
             example_codec.Codec('tile_id', example_codec.TEXT, (), np.dtype(object))]
   out = array_pool.empty_batch(codecs, 1)
-  fd = os.open(path, os.O_RDONLY)
+  files = record_files.LocalFiles([path])
   try:
-    example_codec.read_record(fd, int(offset), int(length), path,
-                              {c.name.encode(): c for c in codecs}, out, {}, 0)
-    missing = [example_codec.Codec('lat', example_codec.FLOAT, (), np.dtype(np.float32))]
-    with pytest.raises(ValueError, match="crafted.tfrecord: no feature 'lat'"):
-      example_codec.read_record(fd, int(offset), int(length), path, {b'lat': missing[0]},
-                                array_pool.empty_batch(missing, 1), {}, 0)
+    with files.open(0) as source:
+      example_codec.read_record(source, int(offset), int(length), path,
+                                {c.name.encode(): c for c in codecs}, out, {}, 0)
+      missing = [example_codec.Codec('lat', example_codec.FLOAT, (), np.dtype(np.float32))]
+      with pytest.raises(ValueError, match="crafted.tfrecord: no feature 'lat'"):
+        example_codec.read_record(source, int(offset), int(length), path, {b'lat': missing[0]},
+                                  array_pool.empty_batch(missing, 1), {}, 0)
   finally:
-    os.close(fd)
+    files.close()
   assert out['vcf'][0] == 42.5 and out['region'][0] == -3
   assert out['shape'][0].tolist() == [448, 12] and out['tile_id'][0] == b'new'
 

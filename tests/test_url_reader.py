@@ -6,6 +6,7 @@ resume step, selection, evaluation padding or damage. The host cache must change
 where the bytes come from. The session's 32 px dataset has 64 train tiles in 8 shards of 8.
 """
 
+import collections
 import gc
 import os
 import shutil
@@ -86,6 +87,50 @@ def test_url_and_local_give_the_same_batches(tiny_dataset, seed, start_step):
   assert_same_batches(list(whole)[start_step:], local)
 
 
+def test_tensors_stream_in_pieces_into_the_batch(tiny_dataset, monkeypatch):
+  """A 32 px tile fits the parser's first read; with reads of a few hundred bytes every image
+  streams: part from the first read, the rest in pieces, as a 448 px tile's does."""
+  from data_pipeline import example_codec  # pylint: disable=g-import-not-at-top
+  expected = list(open_split(tiny_dataset, 'local').batches(8, seed=3, num_steps=3,
+                                                           features=ALL))
+  monkeypatch.setattr(example_codec, '_CHUNK', 300)
+  monkeypatch.setattr(record_files, 'URL_STREAM_CHUNK', 1000)
+  pieces = []
+  original = record_files._GFileSource.readinto
+
+  def counted(self, out, offset):
+    pieces.append(len(out))
+    return original(self, out, offset)
+
+  monkeypatch.setattr(record_files._GFileSource, 'readinto', counted)
+  for reader in ('url', 'local'):
+    assert_same_batches(expected, open_split(tiny_dataset, reader).batches(8, seed=3,
+                                                                           num_steps=3,
+                                                                           features=ALL))
+  # Each of the 24 records' image (32 x 32 x 12 float16) minus what the first read held, in
+  # pieces of 1000 bytes, and its WorldCover label (32 x 32 uint8) likewise.
+  images = [n for n in pieces if n > 32 * 32]
+  assert len(images) == 24 and all(32 * 32 * 12 * 2 - 300 < n < 32 * 32 * 12 * 2 for n in images)
+  assert len(pieces) == 48
+
+
+def test_a_url_source_reads_ranges_and_names_what_it_cannot_read(tiny_dataset, monkeypatch,
+                                                                 tmp_path):
+  monkeypatch.setattr(record_files, 'URL_STREAM_CHUNK', 4096)
+  path = shard(tiny_dataset, 0)
+  data = open(path, 'rb').read()
+  files = record_files.UrlFiles([path, str(tmp_path / 'gone.tfrecord')])
+  with files.open(0) as source:
+    for offset, n in ((0, 10), (5000, 20000), (len(data) - 3000, 3000), (len(data) - 100, 500)):
+      out = np.zeros(n, np.uint8)
+      got = source.readinto(memoryview(out), offset)
+      assert got == min(n, len(data) - offset)
+      assert out[:got].tobytes() == data[offset:offset + got]
+      assert source.pread(n, offset) == data[offset:offset + n]
+  with pytest.raises(OSError, match=r'gone\.tfrecord: cannot read bytes 7\.\.19 '):
+    files.read(1, 7, 12)
+
+
 def test_url_and_local_agree_with_a_label_fraction_and_on_two_processes(tiny_dataset):
   index = data_input.read_split_index(tiny_dataset, 'train', (schema.TILE_ID,))
   records = subsets.select_records(index, fraction=0.1, seed=0)
@@ -100,26 +145,38 @@ def test_url_and_local_agree_with_a_label_fraction_and_on_two_processes(tiny_dat
                         opened['url'].eval_batches(4, features=ALL))
 
 
-def test_eval_batches_agree_and_read_each_file_in_one_request(tiny_dataset, monkeypatch):
+def test_eval_batches_agree_and_read_each_file_through_one_handle(tiny_dataset, monkeypatch):
   local = list(open_split(tiny_dataset, 'local', split='validation', process_index=1,
                           process_count=2).eval_batches(3, features=ALL))
   url = open_split(tiny_dataset, 'url', split='validation', process_index=1, process_count=2)
   url._record_locations()  # Scanned before counting.
-  reads = []
-  original = record_files.UrlFiles.read
+  opened, reads = [], []
+  original_open = record_files.UrlFiles.open
+  original_pread = record_files._GFileSource.pread
 
-  def counted(self, index, offset, n):
-    reads.append((index, offset, n))
-    return original(self, index, offset, n)
+  def counted_open(self, index):
+    opened.append(index)
+    return original_open(self, index)
 
-  monkeypatch.setattr(record_files.UrlFiles, 'read', counted)
+  def counted_pread(self, n, offset):
+    reads.append((self, offset))  # The handle itself: kept alive, its id stays its own.
+    return original_pread(self, n, offset)
+
+  monkeypatch.setattr(record_files.UrlFiles, 'open', counted_open)
+  monkeypatch.setattr(record_files._GFileSource, 'pread', counted_pread)
   assert_same_batches(local, url.eval_batches(3, features=ALL))
   # The split has 16 records in 8 files; this process reads files 4..7, 2 records each, in
   # batches of 3 in file order: [f4 f4 f5] [f5 f6 f6] [f7 f7 padding = f4's first]. A batch
-  # reads the records it has of one file as one byte range: 2 ranges per batch.
-  files = [url.file_instructions[index][0] for index, _, _ in reads]
+  # reads the records it has of one file through one open file: 2 per batch.
+  files = [url.file_instructions[index][0] for index in opened]
   assert files == [os.path.join(tiny_dataset, f's1_tiles-validation.tfrecord-0000{i}-of-00008')
                    for i in (4, 5, 5, 6, 4, 7)]
+  # Through a handle, reads go forward: each record's first read starts past the last one's.
+  by_handle = collections.defaultdict(list)
+  for handle, offset in reads:
+    by_handle[id(handle)].append(offset)
+  assert len(by_handle) == len(opened)
+  assert all(offsets == sorted(set(offsets)) for offsets in by_handle.values())
   assert [batch[data_input.EXAMPLE_MASK].tolist() for batch in local] == [
       [True] * 3, [True] * 3, [True, True, False]]
 
