@@ -248,6 +248,9 @@ class _RecordReads:
     where = self.where(row)
     data = self.cache.get(row) if self.cache is not None else None
     if data is None:
+      # Locations may come from an index (record_files.indexed), not a scan of the headers:
+      # each record's header is checked as it is read (12 bytes before its data).
+      tfrecord_index.check_header(source.pread(12, offset - 12), length, where)
       target = self.cache.claim(row) if self.cache is not None else None
       kept = False
       try:

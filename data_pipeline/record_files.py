@@ -17,16 +17,20 @@ record locations, one shuffle of them); only where their bytes come from differs
   holding the GIL): on page-cached local files it costs about twice the CPU of the local
   reader (bench/README.md).
 
-:func:`scan` lists the records of a file (``tfrecord_index.scan``): locally a 12-byte read per
-header, as cheap as it gets from a local disk; remotely in :data:`URL_SCAN_CHUNK` sequential
-chunks, so a file of small records costs a few requests, not one per record. Scans are kept per
-process, keyed by (path, size, modification time): datasets opened again over the same files
-(data shards, a study's label fractions, evaluation passes) do not scan them again.
+:func:`scan` lists the records of a file. A folder written by ``data_pipeline.writer`` lists
+them in its index (``tfrecord_index.INDEX_FILE``, :func:`indexed`): one small read, which
+matters on cloud storage; the readers then check each record's header as they read it. Other files are scanned
+(``tfrecord_index.scan``): locally a 12-byte read per header, as cheap as it gets from a local
+disk; remotely in :data:`URL_SCAN_CHUNK` sequential chunks, which reads files of big records
+whole. Results are kept per process, keyed by (path, size, modification time): datasets opened
+again over the same files (data shards, a study's label fractions, evaluation passes) do not
+read them again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import threading
@@ -62,6 +66,7 @@ os.environ.setdefault('GCS_READ_CACHE_BLOCK_SIZE_MB', _GCS_BLOCK_SIZE_MB)
 _warned = []
 
 _scans: dict[tuple[str, int, int], tuple[np.ndarray, tuple[int, int, str] | None]] = {}
+_indexes: dict[str, dict[str, list[int]]] = {}  # _folder_index's, by folder.
 _scans_lock = threading.Lock()
 
 
@@ -107,15 +112,74 @@ def stat(path: str, remote: bool) -> tuple[int, int]:
   return info.st_size, info.st_mtime_ns
 
 
+def _read_whole(path: str, remote: bool) -> bytes | None:
+  """The bytes of a small file, or None if there is no such file."""
+  if not remote:
+    try:
+      with open(path, 'rb') as f:
+        return f.read()
+    except FileNotFoundError:
+      return None
+  tf = _tf()
+  try:
+    with tf.io.gfile.GFile(path, 'rb') as f:
+      return f.read()
+  except tf.errors.NotFoundError:
+    return None
+
+
+def _folder_index(folder: str, remote: bool) -> dict[str, list[int]]:
+  """{file name: record lengths} of a folder's ``tfrecord_index.INDEX_FILE`` ({} if it has
+  none), read once per process."""
+  with _scans_lock:
+    if folder in _indexes:
+      return _indexes[folder]
+  path = os.path.join(folder, tfrecord_index.INDEX_FILE)
+  data = _read_whole(path, remote)
+  index = {}
+  if data is not None:
+    try:
+      index = json.loads(data)[tfrecord_index.RECORD_LENGTHS]
+      if not isinstance(index, dict):
+        raise TypeError(type(index).__name__)
+    except (ValueError, KeyError, TypeError) as e:
+      logging.warning('%s is not an index of record lengths (%s); scanning the files instead',
+                      path, e)
+      index = {}
+  with _scans_lock:
+    _indexes[folder] = index
+  return index
+
+
+def indexed(path: str, size: int, remote: bool) -> np.ndarray | None:
+  """(offset, length) of the file's records from its folder's index
+  (``tfrecord_index.INDEX_FILE``), or None where the index does not list it or does not fit
+  the file's ``size`` (then the file is scanned; a misfit is logged)."""
+  folder, name = os.path.split(path)
+  lengths = _folder_index(folder, remote).get(name)
+  if lengths is None:
+    return None
+  records = tfrecord_index.from_lengths(lengths, size)
+  if records is None:
+    logging.warning('%s: the %d records %s lists do not add up to its %d bytes (truncated or '
+                    'changed since it was written); scanning the file instead', path,
+                    len(lengths), tfrecord_index.INDEX_FILE, size)
+  return records
+
+
 def scan(path: str, remote: bool) -> tuple[np.ndarray, tuple[int, int, str] | None]:
-  """``tfrecord_index.scan`` of a local file (``remote=False``) or of any file through
-  ``tf.io.gfile``, from this process's memory when the file has not changed since."""
+  """Where the records of a local file (``remote=False``) or of any file through
+  ``tf.io.gfile`` lie: from the index in its sidecar (:func:`indexed`), else
+  ``tfrecord_index.scan``; from this process's memory when the file has not changed since."""
   size, mtime = stat(path, remote)
   key = (path, size, mtime)
   with _scans_lock:
     if key in _scans:
       return _scans[key]
-  if remote:
+  records = indexed(path, size, remote)
+  if records is not None:
+    result = records, None
+  elif remote:
     files = UrlFiles([path])
     try:
       result = tfrecord_index.scan(path, lambda offset, n: files.read(0, offset, n), size,
@@ -130,10 +194,11 @@ def scan(path: str, remote: bool) -> tuple[np.ndarray, tuple[int, int, str] | No
 
 
 def forget_scans() -> None:
-  """Empties this process's scan cache (tests, or files rewritten in place within a
+  """Empties this process's scan and index caches (tests, or files rewritten in place within a
   timestamp's resolution)."""
   with _scans_lock:
     _scans.clear()
+    _indexes.clear()
 
 
 class _FdSource:

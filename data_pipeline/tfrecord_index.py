@@ -105,6 +105,37 @@ def scan(path: str, read: Callable[[int, int], bytes] | None = None, size: int |
   return np.asarray(records, np.int64).reshape(-1, 2), damage
 
 
+# A dataset folder's index of its TFRecord files (written by data_pipeline.writer): JSON,
+# {RECORD_LENGTHS: {file name: [length of each record's data, in file order]}}. With it, the
+# readers need not scan a file to find its records (:func:`from_lengths`).
+INDEX_FILE = 'record_lengths.json'
+RECORD_LENGTHS = 'record_lengths'
+
+
+def from_lengths(lengths: Sequence[int], size: int) -> np.ndarray | None:
+  """(offset, length) of each record of a file whose records have ``lengths``, as
+  :func:`scan` gives them, or None if they do not add up to the file's ``size`` bytes."""
+  lengths = np.asarray(lengths, np.int64).reshape(-1)
+  ends = np.cumsum(lengths + 16)
+  if (lengths < 0).any() or (int(ends[-1]) if len(ends) else 0) != size:
+    return None
+  return np.stack([ends - lengths - 4, lengths], axis=1)
+
+
+def check_header(header: bytes, length: int, where: str) -> None:
+  """Raises a BadRecordError (starting with ``where``) unless ``header``, the 12 bytes before a
+  record's data, frames a record of ``length`` bytes with a good CRC."""
+  if len(header) < 12:
+    raise BadRecordError(f'{where}: the file ends inside the record\'s header; it changed since '
+                         'it was indexed')
+  stored, crc = struct.unpack('<QI', header)
+  if masked_crc32c(header[:8]) != crc:
+    raise BadRecordError(f'{where}: corrupt TFRecord header (bad length CRC)')
+  if stored != length:
+    raise BadRecordError(f'{where}: its TFRecord header says {stored} bytes, the index '
+                         f'{length}; the file changed since it was indexed')
+
+
 def lost_records(index: int, expected: int | None) -> str:
   if expected is None:
     return ''

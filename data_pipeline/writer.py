@@ -13,8 +13,10 @@ why a unit gave no tile). Then:
     form the contract names (``data_pipeline.quantise``: float16 dB clipped to
     ``schema.CLIP_RANGE_DB`` with NaN = no-data, or uint8 codes with 0 = no-data);
   * a shard is written under a temporary name, renamed when complete, and then gets a small JSON
-    sidecar (its length, bytes, per-channel sums, skip counts). A shard with its sidecar is
-    done: running the build again skips it, so an interrupted build resumes where it stopped;
+    sidecar (its length, bytes, per-channel sums, skip counts, each record's length). A shard
+    with its sidecar is done: running the build again skips it, so an interrupted build resumes
+    where it stopped. At the end the record lengths of every shard go into the folder's
+    ``tfrecord_index.INDEX_FILE``, which spares readers a scan of the files;
   * when every shard is done, the per-channel mean/std of the training split (over valid pixels
     of the stored values as decoded, i.e. what the model sees) go into the
     :class:`schema.InputContract` in the TFDS metadata, and ``dataset_info.json`` is written
@@ -53,6 +55,7 @@ from data_pipeline import dataset_info
 from data_pipeline import quantise
 from data_pipeline import replace
 from data_pipeline import schema
+from data_pipeline import tfrecord_index
 from data_pipeline import worker_pool
 
 DATASET_NAME = 's1_tiles'
@@ -63,10 +66,11 @@ SPLIT_MAP = 'split_map.png'  # data_pipeline.ingest.build's map of the planned t
 INSPECT_DIR = 'inspect'  # data_pipeline.ingest.inspect's default output folder.
 WHAT = 'a dataset made by data_pipeline.writer'  # For messages: what --overwrite replaces.
 # Every file a build leaves in its folder: TFDS metadata, shards, their sidecars and temporary
-# names (writer and data_pipeline.atomic), the build parameters and the split map.
+# names (writer and data_pipeline.atomic), the build parameters, the split map and the index of
+# the shards' records.
 _OWN_FILE = re.compile(
     '|'.join(map(re.escape, (INFO_FILE, dataset_info.FEATURES_FILE, dataset_info.METADATA_FILE,
-                             BUILD_FILE, SPLIT_MAP)))
+                             BUILD_FILE, SPLIT_MAP, tfrecord_index.INDEX_FILE)))
     + rf'|\w+\.labels\.txt|{DATASET_NAME}-\w+\.tfrecord-\d{{5}}-of-\d{{5}}'
     r'(\.json|\.incomplete-[0-9a-f]{8})?|\..+\.\d+\.[0-9a-f]{32}\.tmp')
 
@@ -238,7 +242,7 @@ def _write_shard(job: _ShardJob, make_examples: ExampleFn) -> dict[str, Any]:
   stats = ChannelStatistics(job.contract.num_channels)
   region_stats: dict[str, ChannelStatistics] = {}
   skipped: dict[str, int] = {}
-  length = num_bytes = 0
+  record_lengths = []
   tmp_path = f'{job.path}.incomplete-{uuid.uuid4().hex[:8]}'
   try:
     with tf.io.TFRecordWriter(tmp_path) as records:
@@ -263,8 +267,8 @@ def _write_shard(job: _ShardJob, make_examples: ExampleFn) -> dict[str, Any]:
               job.contract.num_channels)).merge(tile_stats)
           record = features.serialize_example(example)
           records.write(record)
-          length += 1
-          num_bytes += len(record)
+          record_lengths.append(len(record))
+    length, num_bytes = len(record_lengths), sum(record_lengths)
     if not length:
       raise ValueError(f'{job.split} shard {job.shard}: none of its {len(job.units)} units gave '
                        f'a tile (skipped: {skipped}); use fewer shards')
@@ -275,7 +279,8 @@ def _write_shard(job: _ShardJob, make_examples: ExampleFn) -> dict[str, Any]:
     raise
   sidecar = {'length': length, 'num_bytes': num_bytes, 'units': len(job.units),
              'skipped': skipped, 'statistics': stats.to_dict(),
-             'statistics_by_region': {r: v.to_dict() for r, v in region_stats.items()}}
+             'statistics_by_region': {r: v.to_dict() for r, v in region_stats.items()},
+             tfrecord_index.RECORD_LENGTHS: record_lengths}
   atomic.write_bytes(job.sidecar, json.dumps(sidecar).encode())
   return sidecar
 
@@ -468,6 +473,11 @@ def _build(output_dir: str, *, units_by_split, make_examples, contract, fingerpr
     metadata['statistics_by_region'] = report['statistics_by_region'] = by_region
   if extra_files:
     extra_files(output_dir)
+  index = {os.path.basename(job.path): sidecars[job].get(tfrecord_index.RECORD_LENGTHS)
+           for job in jobs}
+  if None not in index.values():  # Else shards of a build resumed across this change: scanned.
+    atomic.write_bytes(os.path.join(output_dir, tfrecord_index.INDEX_FILE),
+                       json.dumps({tfrecord_index.RECORD_LENGTHS: index}).encode())
   features = schema.tfds_features(contract.tile_size, contract.num_channels,
                                   contract.storage_dtype)
   tfds.folder_dataset.write_metadata(
@@ -485,7 +495,7 @@ def _remove_build(output_dir: str, jobs: Sequence[_ShardJob], created: bool) -> 
   """Deletes a build's shards, sidecars and build file; the folder too if this build made it
   and nothing else is in it."""
   for path in [p for job in jobs for p in (job.path, job.sidecar)] + [
-      os.path.join(output_dir, BUILD_FILE)]:
+      os.path.join(output_dir, name) for name in (BUILD_FILE, tfrecord_index.INDEX_FILE)]:
     if os.path.exists(path):
       os.remove(path)
   if created and not os.listdir(output_dir):

@@ -97,8 +97,11 @@ def open_tf(data_dir, **kwargs):
 # --- Errors that name the file and the record ----------------------------------------------------
 
 
-def test_corrupt_header(tiny_dataset, tmp_path):
+@pytest.mark.parametrize('indexed', [True, False])
+def test_corrupt_header(tiny_dataset, tmp_path, indexed):
   data = copy_of(tiny_dataset, tmp_path)
+  if not indexed:  # A folder written before the writer indexed its records: scanned.
+    os.remove(os.path.join(data, tfrecord_index.INDEX_FILE))
   path = shard(data, 2)
   byte = int(tfrecord_index.scan_tfrecord(path)[3][0]) - 12
   with open(path, 'r+b') as f:  # One bit of record 3's length.
@@ -106,10 +109,17 @@ def test_corrupt_header(tiny_dataset, tmp_path):
     value = f.read(1)[0]
     f.seek(byte)
     f.write(bytes([value ^ 1]))
+  where = f'{path}: record 3 (split record 19, byte {byte}): corrupt TFRecord header'
+  if indexed:  # The index frames the records: only record 3 is bad, found as it is read.
+    with pytest.raises(data_input.BadRecordError, match=re.escape(f'{where} (bad length CRC)')):
+      read_all(open_local(data))
+    dataset = open_local(data, max_bad_records=1)
+    read_all(dataset)
+    assert len(dataset.bad_records) == 1 and dataset.bad_records[0].startswith(where)
+    return
   with pytest.raises(data_input.BadRecordError, match=re.escape(
-      f'{path}: record 3 (split record 19, byte {byte}): corrupt TFRecord header at byte '
-      f'{byte} (bad length CRC); the dataset metadata says the file holds 8 records, so '
-      'records 3..7 cannot be read')):
+      f'{where} at byte {byte} (bad length CRC); the dataset metadata says the file holds 8 '
+      'records, so records 3..7 cannot be read')):
     read_all(open_local(data))
 
 

@@ -213,8 +213,11 @@ def skip_mode_batches(data_dir, reader, **kwargs):
   return batches, dataset.bad_records
 
 
-def test_truncated_and_corrupt_files_flag_the_same_rows(tiny_dataset, tmp_path):
+@pytest.mark.parametrize('indexed', [True, False])
+def test_truncated_and_corrupt_files_flag_the_same_rows(tiny_dataset, tmp_path, indexed):
   data = copy_of(tiny_dataset, tmp_path)
+  if not indexed:
+    os.remove(os.path.join(data, tfrecord_index.INDEX_FILE))
   records = tfrecord_index.scan_tfrecord(shard(data, 3))
   os.truncate(shard(data, 3), int(records[5][0]) + 50)  # Records 5..7 of file 3 lost.
   header = int(tfrecord_index.scan_tfrecord(shard(data, 6))[2][0]) - 12
@@ -231,14 +234,16 @@ def test_truncated_and_corrupt_files_flag_the_same_rows(tiny_dataset, tmp_path):
   url, url_bad = skip_mode_batches(data, 'url')
   assert_same_batches(local, url)
   assert url_bad == local_bad
-  # By hand: file 3 loses records 5..7 (split 29..31), file 6 records 2..7 (50..55), file 1
-  # record 4 (12): 10 bad records, each flagged wherever it is read.
+  # By hand: file 3 loses records 5..7 (split 29..31; its size no longer fits the index, so it
+  # is scanned), file 1 record 4 (12), and file 6 record 2 (50) if the index frames its
+  # records, else records 2..7 (50..55) too: each flagged wherever it is read.
   flagged = {tile for batch in url for tile, bad in
              zip(batch[schema.TILE_ID].tolist(), batch[data_input.BAD_RECORD]) if bad}
   assert flagged == {b''}  # Bad rows read as missing values: no tile id.
-  assert len(url_bad) == 10
+  expected = [12, 29, 30, 31, 50] + ([] if indexed else [51, 52, 53, 54, 55])
+  assert len(url_bad) == len(expected)
   eval_flags = np.concatenate([b[data_input.BAD_RECORD] for b in url[10:]])
-  assert np.flatnonzero(eval_flags).tolist() == [12, 29, 30, 31, 50, 51, 52, 53, 54, 55]
+  assert np.flatnonzero(eval_flags).tolist() == expected
 
 
 def test_checksums_catch_a_flipped_image_byte_in_both_readers(tiny_dataset, tmp_path):
@@ -277,8 +282,37 @@ def test_remote_scan_in_chunks_equals_the_local_scan(tiny_dataset, tmp_path):
       tfrecord_index.scan(damaged)[1]] * 2
 
 
+def test_the_writers_index_spares_the_scan_and_equals_it(tiny_dataset, tmp_path, monkeypatch,
+                                                         caplog):
+  data = copy_of(tiny_dataset, tmp_path)
+  scans, reads = [], []
+  original_scan, original_read = tfrecord_index.scan, record_files.UrlFiles.read
+  monkeypatch.setattr(tfrecord_index, 'scan', lambda *a, **k: scans.append(a[0]) or
+                      original_scan(*a, **k))
+  monkeypatch.setattr(record_files.UrlFiles, 'read', lambda self, *a: reads.append(a) or
+                      original_read(self, *a))
+  for reader in ('url', 'local'):
+    record_files.forget_scans()
+    open_split(data, reader)._record_locations()
+  assert scans == [] and reads == []  # Neither reader read a record header.
+  for index in range(8):  # Independent truth: TensorFlow's own reader.
+    truth = [len(r.numpy()) for r in tf.data.TFRecordDataset(shard(data, index))]
+    located = record_files.scan(shard(data, index), remote=True)
+    assert located[1] is None and located[0][:, 1].tolist() == truth
+    np.testing.assert_array_equal(located[0], original_scan(shard(data, index))[0])
+  # A file that no longer fits its index is scanned, with a warning naming it.
+  scans.clear()
+  os.truncate(shard(data, 2), os.path.getsize(shard(data, 2)) - 1)
+  record_files.forget_scans()
+  with caplog.at_level('WARNING'):
+    damaged = record_files.scan(shard(data, 2), remote=True)
+  assert scans == [shard(data, 2)] and damaged[1] is not None
+  assert f'{shard(data, 2)}: the 8 records record_lengths.json lists do not add up' in caplog.text
+
+
 def test_scans_are_kept_per_process_until_the_file_changes(tiny_dataset, tmp_path, monkeypatch):
   data = copy_of(tiny_dataset, tmp_path)
+  os.remove(os.path.join(data, tfrecord_index.INDEX_FILE))  # Scanned, not read from the index.
   calls = []
   original = tfrecord_index.scan
   monkeypatch.setattr(tfrecord_index, 'scan', lambda *a, **k: calls.append(a[0]) or
