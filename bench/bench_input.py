@@ -25,9 +25,10 @@ holds up under background load, which hits both alike. Cache states:
 Raw and read-path passes alternate and medians are reported, so background load on a shared
 machine hits both sides of a ratio alike. Per-core figures divide by the cores this process may
 run on (``os.sched_getaffinity``); tiles per CPU-second (user + system time of all threads,
-``time.process_time``) say how much CPU the path burns. The local and URL readers' one-off scan
-of record headers (kept for the run) is timed separately, per byte source (local: a 12-byte read
-per header; URL: 16 MiB sequential chunks), and not included in the passes.
+``time.process_time``) say how much CPU the path burns. The local and URL readers' one-off search
+for the records (kept for the run) is timed separately, per byte source, and not included in
+the passes: one read of the folder's ``record_lengths.json`` where the builder wrote one, else a
+scan of the headers (local: a 12-byte read per header; URL: 16 MiB sequential chunks).
 ``--verify_checksums`` adds the local reader with ``verify_checksums=True`` as reader
 ``local+crc``, timed in the same alternation as the others. It checks each record's payload CRC
 the first time a dataset reads it, so each of its passes opens a fresh dataset (outside the
@@ -168,7 +169,8 @@ def main():
       print(f'cold: {evict(paths)}')
       t0 = time.perf_counter()
       dataset._record_locations()  # pylint: disable=protected-access
-      print(f'{name} reader header scan (once per run): {time.perf_counter() - t0:.3f} s cold '
+      print(f'{name} reader finds the records (once per run; the folder\'s index, else a header '
+            f'scan): {time.perf_counter() - t0:.3f} s cold '
             f'for {tiles} records; {dataset.host_cache_message}')
 
     def summary(label, rate, cpu_rate, raw):
