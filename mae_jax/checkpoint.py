@@ -177,10 +177,10 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
                       tree, shardings)
 
 
-def _as_json(value: Any) -> Any:
+def as_json(value: Any) -> Any:
   """Tuples as lists, at any depth: checkpoint metadata went through JSON, configs did not."""
   if isinstance(value, (list, tuple)):
-    return [_as_json(v) for v in value]
+    return [as_json(v) for v in value]
   return value
 
 
@@ -189,7 +189,7 @@ def architecture_differences(saved: dict[str, Any], current: dict[str, Any], pre
   out = []
   for key in sorted(set(saved) | set(current)):
     a, b = saved.get(key, '<absent>'), current.get(key, '<absent>')
-    a, b = _as_json(a), _as_json(b)
+    a, b = as_json(a), as_json(b)
     if isinstance(a, dict) and isinstance(b, dict):
       out.extend(architecture_differences(a, b, f'{prefix}.{key}'))
     elif a != b:

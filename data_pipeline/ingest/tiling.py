@@ -43,7 +43,7 @@ from rasterio.vrt import WarpedVRT
 from data_pipeline.ingest import labels
 from data_pipeline import schema
 
-DEFAULT_PIXEL_SIZE = 10.0
+DEFAULT_PIXEL_SIZE = schema.PIXEL_SIZE_M
 DEFAULT_TILE_SIZE = 448
 WGS84 = rasterio.crs.CRS.from_epsg(4326)
 # Snapping tolerance, in pixels: bounds that come out of a reprojection a hair past a lattice line

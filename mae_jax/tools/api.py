@@ -501,7 +501,7 @@ def _load_export(path: str, config: dict[str, Any]) -> Model:
     raise ValueError(f'{path}: the encoder takes {full.num_channels} channels but its input '
                      f'contract names {contract.num_channels} bands')
   params = hf_convert.from_hf_state_dict(full, state, part='encoder')
-  encoder = embed_lib._Encoder(**mae.module_fields(full))  # pylint: disable=protected-access
+  encoder = embed_lib.Encoder(**mae.module_fields(full))
   mesh = _data_parallel_mesh()
   rules = sharding.rules_from_config(pretrain_configs.DEFAULT_LOGICAL_RULES)
   params = jax.device_put(params, sharding.replicated(mesh))

@@ -124,7 +124,7 @@ class Embeddings(NamedTuple):
   seconds: float  # Wall time of the pass over the data, compilation excluded.
 
 
-class _Encoder(mae.MaskedAutoencoder):
+class Encoder(mae.MaskedAutoencoder):
   """Just the encoder of :class:`mae.MaskedAutoencoder` (its param names, ``ENCODER_PARAMS``).
 
   The full module's setup also declares the decoder's params, which an encoder-only restore
@@ -264,13 +264,13 @@ def geo_metadata(footprints: np.ndarray) -> dict[str, Any]:
 # --- Checkpoint -----------------------------------------------------------------------------
 
 
-def encoder_from_metadata(metadata: Mapping[str, Any]) -> _Encoder:
+def encoder_from_metadata(metadata: Mapping[str, Any]) -> Encoder:
   """The float32 encoder of a checkpoint's ``metadata['model']``."""
   model_config = ml_collections.ConfigDict(dict(metadata['model']))
   model_config.attention_implementation = 'auto'  # This machine's choice, not the run's.
   validate.check_model(model_config)
   full = mae.model_from_config(model_config, dtype_override=jnp.float32)
-  return _Encoder(**mae.module_fields(full))
+  return Encoder(**mae.module_fields(full))
 
 
 def weights_source(metadata: Mapping[str, Any], use_best: bool) -> str | None:
@@ -280,7 +280,7 @@ def weights_source(metadata: Mapping[str, Any], use_best: bool) -> str | None:
   return 'best' if metadata.get('config', {}).get('select_best', True) else None
 
 
-def restore_encoder_params(directory: str, step: int, model: _Encoder, source: str | None,
+def restore_encoder_params(directory: str, step: int, model: Encoder, source: str | None,
                            mesh, rules):
   """The encoder params of ``directory/step`` (or of its ``source`` copy), sharded on ``mesh``.
 

@@ -45,7 +45,7 @@ def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
     for key, value in tree.items():
       out.update(_flatten(value, f'{prefix}{key}.'))
     return out
-  return {prefix[:-1]: ckpt_lib._as_json(tree)}  # pylint: disable=protected-access
+  return {prefix[:-1]: ckpt_lib.as_json(tree)}
 
 
 def _guarded(field: str) -> bool:
