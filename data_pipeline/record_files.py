@@ -167,6 +167,20 @@ def indexed(path: str, size: int, remote: bool) -> np.ndarray | None:
   return records
 
 
+def scan_headers(path: str, size: int, remote: bool
+                 ) -> tuple[np.ndarray, tuple[int, int, str] | None]:
+  """``tfrecord_index.scan`` of a file of ``size`` bytes: locally a 12-byte read per header,
+  through ``tf.io.gfile`` in :data:`URL_SCAN_CHUNK` sequential chunks."""
+  if not remote:
+    return tfrecord_index.scan(path, size=size)
+  files = UrlFiles([path])
+  try:
+    return tfrecord_index.scan(path, lambda offset, n: files.read(0, offset, n), size,
+                               URL_SCAN_CHUNK)
+  finally:
+    files.close()
+
+
 def scan(path: str, remote: bool) -> tuple[np.ndarray, tuple[int, int, str] | None]:
   """Where the records of a local file (``remote=False``) or of any file through
   ``tf.io.gfile`` lie: from the index in its sidecar (:func:`indexed`), else
@@ -177,17 +191,7 @@ def scan(path: str, remote: bool) -> tuple[np.ndarray, tuple[int, int, str] | No
     if key in _scans:
       return _scans[key]
   records = indexed(path, size, remote)
-  if records is not None:
-    result = records, None
-  elif remote:
-    files = UrlFiles([path])
-    try:
-      result = tfrecord_index.scan(path, lambda offset, n: files.read(0, offset, n), size,
-                                   URL_SCAN_CHUNK)
-    finally:
-      files.close()
-  else:
-    result = tfrecord_index.scan(path, size=size)
+  result = (records, None) if records is not None else scan_headers(path, size, remote)
   with _scans_lock:
     _scans[key] = result
   return result

@@ -8,6 +8,7 @@ where the bytes come from. The session's 32 px dataset has 64 train tiles in 8 s
 
 import collections
 import gc
+import json
 import os
 import shutil
 
@@ -396,3 +397,28 @@ def test_host_cache_settings_and_messages(tiny_dataset, monkeypatch):
   assert budget.host_cache_bytes == 0 and budget.host_cache_message.startswith(
       f'host cache: does not fit: 64 tiles take {size / 1e6:.1f} MB, ')
   assert 'tf.data' in open_split(tiny_dataset, 'tf', host_cache='on').host_cache_message
+
+
+def test_index_records_writes_the_writers_index_for_an_older_folder(tiny_dataset, tmp_path,
+                                                                      capsys):
+  from data_pipeline import index_records  # pylint: disable=g-import-not-at-top
+  data = copy_of(tiny_dataset, tmp_path)
+  index_path = os.path.join(data, tfrecord_index.INDEX_FILE)
+  with open(index_path) as f:
+    written = json.load(f)
+  os.remove(index_path)  # As a folder built before the writer indexed its shards.
+  index_records.main(['index_records', data])
+  assert 'record_lengths.json: 96 records in 24 files' in capsys.readouterr().out
+  with open(index_path) as f:
+    assert json.load(f) == written
+  # A damaged shard: an error naming it, and no index.
+  os.remove(index_path)
+  os.truncate(shard(data, 5), os.path.getsize(shard(data, 5)) - 7)
+  with pytest.raises(SystemExit, match=f'index_records: {shard(data, 5)}: record 7 .*truncated'
+                     '.*nothing was written'):
+    index_records.main(['index_records', data])
+  shutil.copy(shard(tiny_dataset, 5), shard(data, 5))
+  os.remove(shard(data, 6))
+  with pytest.raises(SystemExit, match=f'{shard(data, 6)}: cannot be read'):
+    index_records.main(['index_records', data])
+  assert not os.path.exists(index_path)
