@@ -757,7 +757,7 @@ class HostDataset:
         # Per slot, the future reading it (several slots may share one), or None for a record
         # known to be bad.
         jobs: list[concurrent.futures.Future | None] = [None] * local_batch
-        ranged = []  # (file index, offset, slot, row) of the records read as byte ranges.
+        ranged = []  # (file index, offset, slot, row) of the records read in runs (_runs).
         for slot, row in enumerate(rows):
           row = int(row)
           if locations[row, 1] < 0 or row in bad_rows:
