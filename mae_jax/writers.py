@@ -29,6 +29,10 @@ class MetricWriter:
     """``images``: name -> (N, H, W, C) uint8 array (C 1, 3 or 4)."""
     raise NotImplementedError
 
+  def write_start(self, step: int) -> None:
+    """Marks that a run (new, or resumed from a checkpoint) logs from ``step`` on: what an
+    earlier run logged at ``step`` or later was lost with it."""
+
   def flush(self) -> None:
     pass
 
@@ -155,6 +159,15 @@ class TensorBoardWriter(MetricWriter):
     self._writer.add_event(self._event(wall_time=time.time(), step=int(step),
                                        summary=self._summary(value=list(values))))
 
+  def write_start(self, step: int) -> None:
+    # TensorBoard's SessionLog.START: after the first of a log directory, each one makes
+    # TensorBoard drop the events of earlier files at this step or later (purge_orphaned_data,
+    # on by default): a resumed run's curves show each step once, as metrics.jsonl does.
+    from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    self._writer.add_event(self._event(
+        wall_time=time.time(), step=int(step),
+        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     self._write(step, [self._summary.Value(tag=key, simple_value=float(np.asarray(value)))
                        for key, value in scalars.items()])
@@ -201,6 +214,10 @@ class MultiWriter(MetricWriter):
   def write_images(self, step, images):
     for writer in self.writers:
       writer.write_images(step, images)
+
+  def write_start(self, step):
+    for writer in self.writers:
+      writer.write_start(step)
 
   def flush(self):
     for writer in self.writers:

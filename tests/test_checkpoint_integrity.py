@@ -132,6 +132,14 @@ def test_resume_falls_back_past_a_damaged_step_and_ends_bitwise_equal(tiny_confi
     straight_rows = [json.loads(line) for line in f]
   assert [r['step'] for r in rows] == list(range(1, 9))
   assert [r['loss'] for r in rows] == [r['loss'] for r in straight_rows]
+  # So does TensorBoard's view (three event files: the lost steps 5 and 6 are purged).
+  from tensorboard.backend.event_processing import plugin_event_accumulator  # pylint: disable=g-import-not-at-top
+  board = plugin_event_accumulator.EventAccumulator(str(tmp_path / 'resumed' / 'tensorboard'))
+  board.Reload()
+  losses = [(e.step, float(np.asarray(e.tensor_proto.float_val[0])))
+            for e in board.Tensors('loss')]
+  assert len(os.listdir(tmp_path / 'resumed' / 'tensorboard')) == 3
+  assert losses == [(r['step'], np.float32(r['loss'])) for r in straight_rows]
 
 
 @pytest.mark.integration

@@ -396,7 +396,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
                 'data_layout': data_layout, 'config': json.loads(config.to_json_best_effort())}
     start_step = int(jax.device_get(state['step']))
     last_saved = start_step if checkpointer.latest_step() is not None else None
-    resume.record_start(workdir, config, start_step)
+    resume.record_start(workdir, config, start_step, writer)
 
     batch_sharding = sharding.batch_sharding(mesh)
     def build_functions():

@@ -161,7 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state, _, step = restored
       loop.report(f'Resumed from {checkpointer.directory}/{step}.')
     start_step = int(jax.device_get(state['step']))
-    resume.record_start(workdir, config, start_step)
+    resume.record_start(workdir, config, start_step, writer)
 
     def step_fn(remat_policy):
       return jax.jit(

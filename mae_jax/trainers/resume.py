@@ -126,12 +126,15 @@ def check_data_layout(saved: dict[str, Any] | None, current: dict[str, Any],
                      '--config.dataset.allow_new_data_order=True to continue in a new order')
 
 
-def record_start(workdir: str, config: ml_collections.ConfigDict, start_step: int) -> None:
+def record_start(workdir: str, config: ml_collections.ConfigDict, start_step: int,
+                 writer: writers.MetricWriter) -> None:
   """Once a run is accepted at ``start_step``: its config recorded, and metric rows a previous
-  run logged after that step (work since lost) dropped, so each step appears once, in order."""
+  run logged after that step (work since lost) dropped from ``metrics.jsonl`` and marked for
+  TensorBoard to drop (``writer.write_start``), so each step appears once, in order."""
   record_config(workdir, config)
   if jax.process_index() == 0:
     writers.drop_rows_after(workdir, start_step)
+  writer.write_start(start_step + 1)
 
 
 def _all_ok(ok: bool) -> bool:
