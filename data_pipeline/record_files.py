@@ -19,12 +19,12 @@ record locations, one shuffle of them); only where their bytes come from differs
 
 :func:`scan` lists the records of a file. A folder written by ``data_pipeline.writer`` lists
 them in its index (``tfrecord_index.INDEX_FILE``, :func:`indexed`): one small read, which
-matters on cloud storage; the readers then check each record's header as they read it. Other files are scanned
-(``tfrecord_index.scan``): locally a 12-byte read per header, as cheap as it gets from a local
-disk; remotely in :data:`URL_SCAN_CHUNK` sequential chunks, which reads files of big records
-whole. Results are kept per process, keyed by (path, size, modification time): datasets opened
-again over the same files (data shards, a study's label fractions, evaluation passes) do not
-read them again.
+matters on cloud storage; the readers then check each record's header as they read it. Other
+files are scanned (``tfrecord_index.scan``): locally a 12-byte read per header, as cheap as it
+gets from a local disk; remotely in :data:`URL_SCAN_CHUNK` sequential chunks, which reads files
+of big records whole. Results are kept per process, keyed by (path, size, modification time):
+datasets opened again over the same files (data shards, a study's label fractions, evaluation
+passes) do not read them again.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def scan_headers(path: str, size: int, remote: bool
 
 def scan(path: str, remote: bool) -> tuple[np.ndarray, tuple[int, int, str] | None]:
   """Where the records of a local file (``remote=False``) or of any file through
-  ``tf.io.gfile`` lie: from the index in its sidecar (:func:`indexed`), else
+  ``tf.io.gfile`` lie: from its folder's index (:func:`indexed`), else
   ``tfrecord_index.scan``; from this process's memory when the file has not changed since."""
   size, mtime = stat(path, remote)
   key = (path, size, mtime)

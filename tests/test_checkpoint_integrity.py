@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tensorboard.backend.event_processing import plugin_event_accumulator
 
 from mae_jax import checkpoint as ckpt_lib
 from mae_jax import fingerprint
@@ -133,7 +134,6 @@ def test_resume_falls_back_past_a_damaged_step_and_ends_bitwise_equal(tiny_confi
   assert [r['step'] for r in rows] == list(range(1, 9))
   assert [r['loss'] for r in rows] == [r['loss'] for r in straight_rows]
   # So does TensorBoard's view (three event files: the lost steps 5 and 6 are purged).
-  from tensorboard.backend.event_processing import plugin_event_accumulator  # pylint: disable=g-import-not-at-top
   board = plugin_event_accumulator.EventAccumulator(str(tmp_path / 'resumed' / 'tensorboard'))
   board.Reload()
   losses = [(e.step, float(np.asarray(e.tensor_proto.float_val[0])))
