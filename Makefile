@@ -2,7 +2,7 @@
 #   make demo   builds the embedded dataset and pretrains the tiny MAE on it (~3 min on 2 cores)
 #   make study-quick  the label-efficiency study on that dataset (~23 min on 2 cores)
 #   make test   runs the test suite on 8 fake CPU devices (~11 min on 2 cores)
-#   make test-fast  the everyday tier: no end-to-end or multi-process tests (~2.5 min)
+#   make test-fast  the everyday tier: no end-to-end or multi-process tests (~2 min)
 # Both create .venv from the pinned requirements on first use.
 
 PYTHON ?= python3
@@ -47,14 +47,20 @@ study-quick: $(VENV)/.installed $(DEMO_DATA)/dataset_info.json
 	$(PY) -m mae_jax.trainers.study --config configs/study.py:quick --workdir workdirs/study_quick \
 	    --config.data_dir=$(DEMO_DATA)
 
+# Tests run in TEST_WORKERS processes (pytest-xdist): XLA compiles on one thread, so a second
+# process keeps a second core busy; each process holds its own 8 fake devices and session
+# fixtures (about 2-3 GB). TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST := XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q \
+    -n $(TEST_WORKERS) --dist loadgroup
+
 test: $(VENV)/.installed
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 # Markers (pytest.ini): integration = a trainer or tool end to end; multiprocess = several
 # processes. CI and `make test` run everything.
 test-fast: $(VENV)/.installed
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q \
-	    -m 'not integration and not multiprocess' tests
+	$(PYTEST) -m 'not integration and not multiprocess' tests
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench_step.py --preset tiny --repeats 5

@@ -53,8 +53,8 @@ EXTRAS_REQUIRE = {
         'transformers>=5,<6',
     ],
 }
-EXTRAS_REQUIRE['test'] = ['pytest>=8,<10', *EXTRAS_REQUIRE['data'], *EXTRAS_REQUIRE['torch'],
-                          *EXTRAS_REQUIRE['onnx']]
+EXTRAS_REQUIRE['test'] = ['pytest>=8,<10', 'pytest-xdist>=3.5,<4', *EXTRAS_REQUIRE['data'],
+                          *EXTRAS_REQUIRE['torch'], *EXTRAS_REQUIRE['onnx']]
 EXTRAS_REQUIRE['all'] = sorted(set(EXTRAS_REQUIRE['test']))
 
 # Console commands (what `python -m <module>` runs).

@@ -2,23 +2,44 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
 from mae_jax.trainers import pretrain
-from tiny_config import losses, run
+from tiny_config import losses, make_tiny_config, run
 
 pytestmark = pytest.mark.integration
 
 
-def test_loss_on_meshes_equals_single_device(tiny_config, tmp_path):
-  single = losses(run(tiny_config, tmp_path / 'one', **{'mesh.num_devices': 1}) and tmp_path / 'one')
-  for name, (data, fsdp, tensor) in {'dp4_fsdp2': (4, 2, 1), 'dp2_fsdp2_tp2': (2, 2, 2)}.items():
-    run(tiny_config, tmp_path / name,
-        **{'mesh.data': data, 'mesh.fsdp': fsdp, 'mesh.tensor': tensor})
-    sharded = losses(tmp_path / name)
+# Three steps on each mesh; the single-device run also draws a reconstruction plot.
+MESHES = {
+    'one': {'mesh.num_devices': 1, 'image_every_steps': 3},
+    'dp4_fsdp2': {'mesh.data': 4, 'mesh.fsdp': 2},
+    'dp2_fsdp2_tp2': {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2},
+}
+
+
+# Under pytest-xdist (make test), the tests reading them run in one process, which makes them once.
+SHARES_MESH_RUNS = pytest.mark.xdist_group('mesh_runs')
+
+
+@pytest.fixture(scope='module')
+def mesh_runs(tiny_dataset, tmp_path_factory):
+  """{mesh name: (workdir, config)} of a 3-step pretraining on each of :data:`MESHES`, shared
+  by the tests below, which only read them (a test that writes copies the workdir first)."""
+  root = tmp_path_factory.mktemp('meshes')
+  return {name: (root / name, run(make_tiny_config(tiny_dataset), root / name, **overrides))
+          for name, overrides in MESHES.items()}
+
+
+@SHARES_MESH_RUNS
+def test_loss_on_meshes_equals_single_device(mesh_runs):
+  single = losses(mesh_runs['one'][0])
+  for name in ('dp4_fsdp2', 'dp2_fsdp2_tp2'):
+    sharded = losses(mesh_runs[name][0])
     assert sorted(sharded) == [1, 2, 3]
     for step in (1, 2, 3):
       np.testing.assert_allclose(sharded[step], single[step], rtol=1e-5, err_msg=f'{name} step {step}')
@@ -38,12 +59,13 @@ def test_resume_equals_uninterrupted_run(tiny_config, tmp_path):
                jax.device_get(resumed['opt_state']))
 
 
-def test_checkpoint_restores_on_another_mesh(tiny_config, tmp_path):
-  config = run(tiny_config, tmp_path / 'wd', **{'mesh.data': 4, 'mesh.fsdp': 2})
-  saved, _ = pretrain.restore_state(config, str(tmp_path / 'wd'))
+@SHARES_MESH_RUNS
+def test_checkpoint_restores_on_another_mesh(mesh_runs):
+  workdir, config = mesh_runs['dp4_fsdp2']
+  saved, _ = pretrain.restore_state(config, str(workdir))
   other = config.copy_and_resolve_references()
   other.mesh.update(dict(data=2, fsdp=2, tensor=2))
-  restored, metadata = pretrain.restore_state(other, str(tmp_path / 'wd'))
+  restored, metadata = pretrain.restore_state(other, str(workdir))
   kernel = restored['params']['encoder']['block_0']['mlp']['fc1']['kernel']
   assert kernel.sharding.spec == jax.sharding.PartitionSpec('fsdp', 'tensor')
   assert kernel.sharding.mesh.shape['tensor'] == 2
@@ -52,16 +74,16 @@ def test_checkpoint_restores_on_another_mesh(tiny_config, tmp_path):
   assert metadata['input_contract']['band_names'][0] == 'vv_minus_vh_winter'
 
 
-def test_workdir_has_logs_plots_and_contract(tiny_config, tmp_path):
-  workdir = tmp_path / 'wd'
-  run(tiny_config, workdir, image_every_steps=3)
+@SHARES_MESH_RUNS
+def test_workdir_has_logs_plots_and_contract(mesh_runs):
+  workdir, config = mesh_runs['one']
   assert set(losses(workdir)) == {1, 2, 3}
   assert os.listdir(workdir / 'plots') == ['reconstruction_0000003.png']
   events = os.listdir(workdir / 'tensorboard')
   assert any(name.startswith('events.out.tfevents') for name in events)
   saved = json.loads((workdir / 'config.json').read_text())
   assert saved['total_steps'] == 3
-  _, metadata = pretrain.restore_state(tiny_config, str(workdir))
+  _, metadata = pretrain.restore_state(config, str(workdir))
   contract = metadata['input_contract']
   assert contract['units'] == 'dB' and contract['storage_dtype'] == 'float16'
   assert len(contract['mean']) == len(contract['std']) == 12
@@ -69,10 +91,12 @@ def test_workdir_has_logs_plots_and_contract(tiny_config, tmp_path):
   assert metadata['architecture']['patch_size'] == 16
 
 
-def test_checkpoint_of_another_model_is_refused(tiny_config, tmp_path):
-  run(tiny_config, tmp_path / 'wd')
+@SHARES_MESH_RUNS
+def test_checkpoint_of_another_model_is_refused(mesh_runs, tmp_path):
+  workdir, config = mesh_runs['dp4_fsdp2']
+  shutil.copytree(workdir, tmp_path / 'wd')
   with pytest.raises(ValueError, match=r'model\.encoder\.width: checkpoint 32 != config 64'):
-    run(tiny_config, tmp_path / 'wd', total_steps=4, **{'model.encoder.width': 64})
+    run(config, tmp_path / 'wd', total_steps=4, **{'model.encoder.width': 64})
 
 
 def test_gradient_accumulation_equals_the_full_batch(tiny_config):
