@@ -1,7 +1,7 @@
 # Two commands for a fresh machine (Python 3.11+ with pip and venv; no GPU needed):
 #   make demo   builds the embedded dataset and pretrains the tiny MAE on it (~3 min on 2 cores)
 #   make study-quick  the label-efficiency study on that dataset (~23 min on 2 cores)
-#   make test   runs the test suite on 8 fake CPU devices (~11 min on 2 cores)
+#   make test   runs the test suite on 8 fake CPU devices (~10 min on 2 cores)
 #   make test-fast  the everyday tier: no end-to-end or multi-process tests (~2 min)
 # Both create .venv from the pinned requirements on first use.
 
@@ -48,11 +48,12 @@ study-quick: $(VENV)/.installed $(DEMO_DATA)/dataset_info.json
 	    --config.data_dir=$(DEMO_DATA)
 
 # Tests run in TEST_WORKERS processes (pytest-xdist): XLA compiles on one thread, so a second
-# process keeps a second core busy; each process holds its own 8 fake devices and session
-# fixtures (about 2-3 GB). TEST_WORKERS=0 runs them in this process.
+# process keeps the second core busy. Whole files go to one process (loadfile), so the
+# fixtures a file shares (trained workdirs, scenes, maps) are made once. Each process holds
+# its own 8 fake devices; the machine's memory in use peaked at 9 GB. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 PYTEST := XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q \
-    -n $(TEST_WORKERS) --dist loadgroup
+    -n $(TEST_WORKERS) --dist loadfile
 
 test: $(VENV)/.installed
 	$(PYTEST) tests

@@ -22,10 +22,6 @@ MESHES = {
 }
 
 
-# Under pytest-xdist (make test), the tests reading them run in one process, which makes them once.
-SHARES_MESH_RUNS = pytest.mark.xdist_group('mesh_runs')
-
-
 @pytest.fixture(scope='module')
 def mesh_runs(tiny_dataset, tmp_path_factory):
   """{mesh name: (workdir, config)} of a 3-step pretraining on each of :data:`MESHES`, shared
@@ -35,7 +31,6 @@ def mesh_runs(tiny_dataset, tmp_path_factory):
           for name, overrides in MESHES.items()}
 
 
-@SHARES_MESH_RUNS
 def test_loss_on_meshes_equals_single_device(mesh_runs):
   single = losses(mesh_runs['one'][0])
   for name in ('dp4_fsdp2', 'dp2_fsdp2_tp2'):
@@ -59,7 +54,6 @@ def test_resume_equals_uninterrupted_run(tiny_config, tmp_path):
                jax.device_get(resumed['opt_state']))
 
 
-@SHARES_MESH_RUNS
 def test_checkpoint_restores_on_another_mesh(mesh_runs):
   workdir, config = mesh_runs['dp4_fsdp2']
   saved, _ = pretrain.restore_state(config, str(workdir))
@@ -74,7 +68,6 @@ def test_checkpoint_restores_on_another_mesh(mesh_runs):
   assert metadata['input_contract']['band_names'][0] == 'vv_minus_vh_winter'
 
 
-@SHARES_MESH_RUNS
 def test_workdir_has_logs_plots_and_contract(mesh_runs):
   workdir, config = mesh_runs['one']
   assert set(losses(workdir)) == {1, 2, 3}
@@ -91,7 +84,6 @@ def test_workdir_has_logs_plots_and_contract(mesh_runs):
   assert metadata['architecture']['patch_size'] == 16
 
 
-@SHARES_MESH_RUNS
 def test_checkpoint_of_another_model_is_refused(mesh_runs, tmp_path):
   workdir, config = mesh_runs['dp4_fsdp2']
   shutil.copytree(workdir, tmp_path / 'wd')
