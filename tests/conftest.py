@@ -1,4 +1,4 @@
-"""Shared test setup: 8 fake CPU devices and a small embedded dataset built once per session."""
+"""Shared test setup: 8 fake CPU devices, a small embedded dataset made once per test process."""
 
 import os
 
