@@ -159,9 +159,10 @@ def main():
     shape = (args.batch, some.tile_size, some.tile_size, some.num_channels)
     print(f'{tiles} tiles in {len(paths)} files, {file_bytes / 2**20:.0f} MiB '
           f'({file_bytes / tiles / 2**20:.2f} MiB per record); batches {shape} float16 '
-          f'(features={schema.IMAGE!r}); {cores} cores; reader threads: local (and url on local '
-          f'paths) {data_input._READ_THREADS}, url on URLs '  # pylint: disable=protected-access
-          f'{record_files.URL_READ_THREADS}')
+          f'(features={schema.IMAGE!r}); {cores} cores; reader threads: local '
+          f'{data_input._READ_THREADS}, url on these paths '  # pylint: disable=protected-access
+          f'{record_files.read_threads(paths, True, data_input._READ_THREADS)}, '  # pylint: disable=protected-access
+          f'url on URLs {record_files.URL_READ_THREADS}')
     for name, dataset in datasets.items():
       if dataset.reader == 'tf':
         continue

@@ -44,7 +44,10 @@ from data_pipeline import tfrecord_index
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 # Reader threads for URLs: a remote read mostly waits for the network (without the GIL), so
 # more requests in flight than cores keep a host's bandwidth busy. Local paths read through
-# tf.io.gfile do not wait: more threads than the local reader's would only contend for the GIL.
+# tf.io.gfile (the URL code path, as the tests and bench/bench_input.py run it) hardly wait:
+# each piece's bytes object is made while holding the GIL, so threads beyond one per core only
+# queue for it and evict each other's pieces from the CPU's cache (page-cached, 2 cores: 2
+# threads read ~1.3x the tiles/s of 4 at ~1.25x less CPU per tile, cold ~0.9x; bench/README.md).
 URL_READ_THREADS = min(64, max(16, 4 * _CORES))
 # Bytes per read of a remote header scan: large enough that a request's latency weighs little
 # against its transfer, small enough that a file of big records is not read whole just for its
@@ -92,9 +95,14 @@ def _check_gcs_block_size(paths: Sequence[str]) -> None:
 
 
 def read_threads(paths: Sequence[str], remote: bool, local_threads: int) -> int:
-  """Threads to read ``paths`` with: URL_READ_THREADS for a remote filesystem (a URL),
-  ``local_threads`` for local paths, whichever the reader."""
-  return URL_READ_THREADS if remote and any('://' in p for p in paths) else local_threads
+  """Threads to read ``paths`` with: ``local_threads`` for the local reader; for the URL reader
+  (``remote``) URL_READ_THREADS on a remote filesystem (a URL), on local paths one per core, at
+  most ``local_threads``."""
+  if not remote:
+    return local_threads
+  if any('://' in p for p in paths):
+    return URL_READ_THREADS
+  return min(local_threads, _CORES)
 
 
 def stat(path: str, remote: bool) -> tuple[int, int]:

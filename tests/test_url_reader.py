@@ -188,6 +188,17 @@ def test_the_local_reader_refuses_a_url():
     data_input.HostDataset('gs://bucket/dataset', 'train', 0, 1, reader='local')
 
 
+def test_reader_threads_per_byte_source(monkeypatch):
+  """URLs wait on the network: many threads. Local paths through the URL code path hold the GIL
+  for each piece's bytes: one per core, never more than the local reader's."""
+  monkeypatch.setattr(record_files, '_CORES', 3)
+  local_paths, urls = ['/data/a.tfrecord'], ['gs://bucket/a.tfrecord']
+  assert record_files.read_threads(local_paths, False, 8) == 8
+  assert record_files.read_threads(urls, True, 8) == record_files.URL_READ_THREADS >= 16
+  assert record_files.read_threads(local_paths, True, 8) == 3
+  assert record_files.read_threads(local_paths, True, 2) == 2
+
+
 def test_same_layout_for_local_and_url_readers(tiny_dataset):
   """A checkpoint records the order, which the local and URL readers share (not tf.data)."""
   layouts, streams = {}, {}
