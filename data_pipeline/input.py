@@ -87,7 +87,7 @@ from data_pipeline import writer
 # Reader threads of the local reader. Their work is mostly preads, which release the GIL: from
 # the page cache a memory copy, from disk a wait, where more reads in flight keep the disk
 # busier; bench/README.md has the measurements behind the count. The URL reader has its own
-# (record_files.URL_READ_THREADS).
+# (record_files.read_threads).
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 _READ_THREADS = min(16, max(4, 2 * _CORES))
 _READERS = ('auto', 'local', 'url', 'tf')

@@ -14,8 +14,8 @@ record locations, one shuffle of them); only where their bytes come from differs
   TensorFlow's read buffer. ``tf.io.gfile`` releases the GIL while it waits, so many requests
   are in flight at once (:data:`URL_READ_THREADS`). It copies more than ``os.pread`` (into its
   buffer, a string, a Python bytes object, then the batch; the bytes object is made while
-  holding the GIL): on page-cached local files it costs about twice the CPU of the local
-  reader (bench/README.md).
+  holding the GIL): on page-cached local files it costs about 1.8 times the CPU of the local
+  reader per tile, and reads them on one thread per core (:func:`read_threads`; bench/README.md).
 
 :func:`scan` lists the records of a file. A folder written by ``data_pipeline.writer`` lists
 them in its index (``tfrecord_index.INDEX_FILE``, :func:`indexed`): one small read, which
