@@ -47,7 +47,8 @@ _CORES = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else o
 # tf.io.gfile (the URL code path, as the tests and bench/bench_input.py run it) hardly wait:
 # each piece's bytes object is made while holding the GIL, so threads beyond one per core only
 # queue for it and evict each other's pieces from the CPU's cache (page-cached, 2 cores: 2
-# threads read ~1.3x the tiles/s of 4 at ~1.25x less CPU per tile, cold ~0.9x; bench/README.md).
+# threads read ~1.2x the tiles/s of 4 and ~1.2x the tiles per CPU-second, cold ~0.85x;
+# bench/README.md).
 URL_READ_THREADS = min(64, max(16, 4 * _CORES))
 # Bytes per read of a remote header scan: large enough that a request's latency weighs little
 # against its transfer, small enough that a file of big records is not read whole just for its
